@@ -1,0 +1,62 @@
+"""Data parallelism over every device of every host: one 1-D mesh, batch sharded, state replicated.
+
+jax.jit over `NamedSharding`s gives the program pmap used to, on today's API: XLA inserts the
+gradient all-reduce, and BatchNorm means over the sharded batch axis are global (sync BN), so N
+devices compute what one device would on the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-host job when one is configured; a no-op on a single host.
+
+  On TPU VMs (`TPU_WORKER_HOSTNAMES` set by the runtime) and SLURM/Open MPI jobs JAX detects
+  everything itself; elsewhere set FMCEJAX_COORDINATOR, FMCEJAX_NUM_PROCESSES and
+  FMCEJAX_PROCESS_ID (see launch/README.md).
+  """
+  coordinator = os.environ.get("FMCEJAX_COORDINATOR")
+  if coordinator:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU hosts need a collectives backend.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(os.environ["FMCEJAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["FMCEJAX_PROCESS_ID"]))
+  elif "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
+    jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+  """A mesh over all global devices, in the order jax enumerates them."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each host's shard into one global array sharded along the batch axis."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a host pytree (identical on every host) on every device."""
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)

@@ -1,0 +1,256 @@
+"""Tests for fmcejax.models: the backbone contract (logits, features), exact parameter counts, dtype
+policy, BatchNorm state handling, and the FMCE-Net head.
+
+Shape and dtype contracts are checked with `jax.eval_shape` (no FLOPs, no compile); real forward
+passes run once per backbone, with the variables cached, so the file stays fast on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from fmcejax import models
+
+NUM_CLASSES = 10
+INPUT_SHAPES = ((2, 32, 32, 3), (2, 28, 28, 1))
+# Real forward passes: one input shape per backbone keeps the file fast; both are covered above.
+RUN_SHAPE = {
+    "cnn": (2, 28, 28, 1),
+    "resnet18": (2, 32, 32, 3),
+    "resnet50": (2, 28, 28, 1),
+    "shufflenet_v2": (2, 32, 32, 3),
+}
+EXPECTED_PARAMS_CIFAR10 = {
+    "resnet18": 11_173_962,  # kuangliu/pytorch-cifar ResNet18
+    "resnet50": 23_520_842,  # kuangliu/pytorch-cifar ResNet50
+    "shufflenet_v2": 1_263_854,  # torchvision shufflenet_v2_x1_0(num_classes=10)
+}
+EXPECTED_FEATURE_SHAPES = {
+    ("cnn", 32): {"conv1": (16, 16, 32), "conv2": (8, 8, 64), "conv3": (8, 8, 128)},
+    ("cnn", 28): {"conv1": (14, 14, 32), "conv2": (7, 7, 64), "conv3": (7, 7, 128)},
+    ("resnet18", 32): {"stem": (32, 32, 64), "stage1": (32, 32, 64), "stage2": (16, 16, 128),
+                       "stage3": (8, 8, 256), "stage4": (4, 4, 512)},
+    ("resnet18", 28): {"stem": (28, 28, 64), "stage1": (28, 28, 64), "stage2": (14, 14, 128),
+                       "stage3": (7, 7, 256), "stage4": (4, 4, 512)},
+    ("resnet50", 32): {"stem": (32, 32, 64), "stage1": (32, 32, 256), "stage2": (16, 16, 512),
+                       "stage3": (8, 8, 1024), "stage4": (4, 4, 2048)},
+    ("resnet50", 28): {"stem": (28, 28, 64), "stage1": (28, 28, 256), "stage2": (14, 14, 512),
+                       "stage3": (7, 7, 1024), "stage4": (4, 4, 2048)},
+    ("shufflenet_v2", 32): {"stem": (32, 32, 24), "stage2": (16, 16, 116), "stage3": (8, 8, 232),
+                            "stage4": (4, 4, 464), "conv5": (4, 4, 1024)},
+    ("shufflenet_v2", 28): {"stem": (28, 28, 24), "stage2": (14, 14, 116), "stage3": (7, 7, 232),
+                            "stage4": (4, 4, 464), "conv5": (4, 4, 1024)},
+}
+
+
+def _abstract(model, shape, dtype=jnp.float32):
+  """(variables, (logits, features)) as ShapeDtypeStructs: the contract without running anything."""
+  x = jax.ShapeDtypeStruct(shape, dtype)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  outputs = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+  return variables, outputs
+
+
+def _numpy_init(abstract_variables):
+  """Values like the models' own init (He fan-out convs, LeCun Dense, BN identity), from numpy.
+
+  XLA:CPU needs ~6 s to compile resnet50's `init` (threefry for ~160 tensors) and these tests need
+  realistic values, not Flax's RNG stream; `cnn` still goes through the real `init`.
+  """
+  rng = np.random.default_rng(0)
+
+  def leaf(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      fan = np.prod(s.shape[:2]) * s.shape[3] if len(s.shape) == 4 else s.shape[0]
+      std = np.sqrt(2.0 / fan) if len(s.shape) == 4 else np.sqrt(1.0 / fan)
+      return jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype)
+    return jnp.full(s.shape, 1.0 if name in ("scale", "var") else 0.0, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_variables)
+
+
+@functools.cache
+def _initialised(name: str, shape: tuple[int, ...]):
+  """(model, variables, x) for a real forward pass, cached across tests."""
+  model = models.create_backbone(name, NUM_CLASSES)
+  x = jax.random.normal(jax.random.key(1), shape)
+  if name == "cnn":
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  else:
+    variables = _numpy_init(_abstract(model, shape)[0])
+  return model, variables, x
+
+
+@pytest.mark.parametrize("shape", INPUT_SHAPES)
+@pytest.mark.parametrize("name", models.BACKBONES)
+def test_backbone_contract(name, shape):
+  _, (logits, features) = _abstract(models.create_backbone(name, NUM_CLASSES), shape)
+  chex.assert_shape(logits, (2, NUM_CLASSES))
+  chex.assert_type(logits, jnp.float32)
+  assert set(features) == set(models.STAGES[name])
+  assert models.DEFAULT_MODULE[name] == models.STAGES[name][-1]
+  expected = EXPECTED_FEATURE_SHAPES[(name, shape[1])]
+  for stage, fmap in features.items():
+    chex.assert_shape(fmap, (2, *expected[stage]))
+    chex.assert_type(fmap, jnp.float32)
+
+
+def test_registries_agree():
+  assert set(models.STAGES) == set(models.BACKBONES) == set(models.DEFAULT_MODULE)
+  for name in models.BACKBONES:
+    assert models.DEFAULT_MODULE[name] in models.STAGES[name]
+  assert models.DEFAULT_MODULE["cnn"] == "conv3"
+  assert models.DEFAULT_MODULE["shufflenet_v2"] == "conv5"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS_CIFAR10))
+def test_param_count_matches_pytorch_reference(name):
+  variables, _ = _abstract(models.create_backbone(name, NUM_CLASSES), (1, 32, 32, 3))
+  assert models.param_count(variables["params"]) == EXPECTED_PARAMS_CIFAR10[name]
+
+
+def test_cnn_is_small():
+  variables, _ = _abstract(models.create_backbone("cnn", NUM_CLASSES), (1, 28, 28, 1))
+  assert 50_000 < models.param_count(variables["params"]) < 150_000
+
+
+def test_shufflenet_small_input_keeps_param_count_and_resolution():
+  shape = (1, 64, 64, 3)
+  small_vars, (_, small) = _abstract(models.ShuffleNetV2(NUM_CLASSES, small_input=True), shape)
+  big_vars, (_, big) = _abstract(models.ShuffleNetV2(NUM_CLASSES, small_input=False), shape)
+  assert models.param_count(small_vars) == models.param_count(big_vars)
+  chex.assert_shape(small["stem"], (1, 64, 64, 24))
+  chex.assert_shape(big["stem"], (1, 16, 16, 24))  # stride-2 conv + 3x3/2 max-pool
+  chex.assert_shape(big["conv5"], (1, 2, 2, 1024))
+
+
+@pytest.mark.parametrize("name", models.BACKBONES)
+def test_bfloat16_computes_in_bf16_with_float32_params_and_logits(name):
+  model = models.create_backbone(name, NUM_CLASSES, dtype=jnp.bfloat16)
+  variables, (logits, features) = _abstract(model, (2, 32, 32, 3))
+  chex.assert_type(jax.tree_util.tree_leaves(variables), jnp.float32)
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_type(list(features.values()), jnp.bfloat16)
+
+
+def test_bfloat16_forward_is_finite_and_close_to_float32():
+  model32, variables, x = _initialised("cnn", RUN_SHAPE["cnn"])
+  model16 = models.create_backbone("cnn", NUM_CLASSES, dtype=jnp.bfloat16)
+  logits32, _ = model32.apply(variables, x, train=False)
+  logits16, features16 = model16.apply(variables, x, train=False)
+  chex.assert_type(logits16, jnp.float32)
+  chex.assert_type(list(features16.values()), jnp.bfloat16)
+  chex.assert_tree_all_finite((logits16, features16))
+  np.testing.assert_allclose(logits16, logits32, atol=0.05, rtol=0.05)
+
+
+class ForwardTest(chex.TestCase):
+  """Real forward passes, eager and jitted, on each backbone's cached variables."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*models.BACKBONES)
+  def test_eval_forward_needs_no_mutable_state(self, name):
+    model, variables, x = _initialised(name, RUN_SHAPE[name])
+    logits, features = self.variant(functools.partial(model.apply, train=False))(variables, x)
+    chex.assert_shape(logits, (x.shape[0], NUM_CLASSES))
+    chex.assert_type(logits, jnp.float32)
+    self.assertEqual(set(features), set(models.STAGES[name]))
+    for fmap in features.values():
+      chex.assert_rank(fmap, 4)
+      self.assertEqual(fmap.shape[0], x.shape[0])
+    chex.assert_tree_all_finite((logits, features))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cnn_on_cifar_shape(self):
+    model, variables, x = _initialised("cnn", (2, 32, 32, 3))
+    logits, features = self.variant(functools.partial(model.apply, train=False))(variables, x)
+    chex.assert_shape(logits, (2, NUM_CLASSES))
+    chex.assert_shape(features["conv3"], (2, 8, 8, 128))
+    chex.assert_tree_all_finite((logits, features))
+
+
+@pytest.mark.parametrize("name", models.BACKBONES)
+def test_train_mode_updates_batch_stats(name):
+  model, variables, x = _initialised(name, RUN_SHAPE[name])
+  apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+  (logits, features), updates = apply(variables, x)
+  chex.assert_tree_all_finite((logits, features, updates))
+  chex.assert_trees_all_equal_shapes(updates["batch_stats"], variables["batch_stats"])
+  changed = jax.tree_util.tree_map(
+      lambda new, old: bool(jnp.any(new != old)), updates["batch_stats"], variables["batch_stats"])
+  assert all(jax.tree_util.tree_leaves(changed))
+  # Train-mode BN normalises with batch statistics, so activations stay O(1) at init.
+  assert float(jnp.std(features[models.DEFAULT_MODULE[name]])) < 10.0
+
+
+def test_train_mode_without_mutable_batch_stats_fails():
+  model, variables, x = _initialised("cnn", RUN_SHAPE["cnn"])
+  with pytest.raises(Exception, match="batch_stats"):
+    model.apply(variables, x, train=True)
+
+
+def test_zero_init_residual_zeroes_last_bn_scale():
+  conv, norm = models._conv_and_norm(jnp.float32, train=False)
+  x = jnp.ones((1, 8, 8, 16))
+  for block_cls, last_bn in ((models.BasicBlock, "bn2"), (models.Bottleneck, "bn3")):
+    block = block_cls(16, conv=conv, norm=norm, strides=2, zero_init_residual=True)
+    params = block.init(jax.random.key(0), x)["params"]
+    np.testing.assert_array_equal(params[last_bn]["scale"], 0.0)
+    np.testing.assert_array_equal(params["bn1"]["scale"], 1.0)
+    assert "shortcut_conv" in params  # stride 2 needs the projection shortcut
+
+
+def test_channel_shuffle_matches_torch_semantics():
+  b, c, h, w, groups = 2, 6, 3, 4, 2
+  nchw = np.arange(b * c * h * w, dtype=np.float32).reshape(b, c, h, w)
+  # torchvision: x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+  expected = nchw.reshape(b, groups, c // groups, h, w).transpose(0, 2, 1, 3, 4).reshape(b, c, h, w)
+  got = models.channel_shuffle(jnp.asarray(nchw.transpose(0, 2, 3, 1)), groups)
+  np.testing.assert_array_equal(np.asarray(got).transpose(0, 3, 1, 2), expected)
+
+
+@pytest.mark.parametrize("fmap_shape", [(2, 7, 7, 128), (2, 32, 32, 64)])
+def test_fmcenet_shape_and_input_gradient(fmap_shape):
+  head = models.FMCENet(num_phases=4, width=32, depth=2)
+  fmap = jax.random.normal(jax.random.key(2), fmap_shape)
+  variables = head.init(jax.random.key(0), fmap, train=False)
+  logits = head.apply(variables, fmap, train=False)
+  chex.assert_shape(logits, (2, 4))
+  chex.assert_type(logits, jnp.float32)
+
+  def loss(f):
+    return jnp.sum(head.apply(variables, f, train=False)[:, 0])
+
+  grad = jax.jit(jax.grad(loss))(fmap)
+  chex.assert_shape(grad, fmap_shape)
+  chex.assert_tree_all_finite(grad)
+  assert float(jnp.abs(grad).max()) > 0.0
+
+
+def test_fmcenet_bfloat16_and_train_mode():
+  head = models.FMCENet(num_phases=3, dtype=jnp.bfloat16)
+  fmap = jax.random.normal(jax.random.key(2), (2, 4, 4, 512), jnp.bfloat16)
+  variables = head.init(jax.random.key(0), fmap, train=False)
+  chex.assert_type(jax.tree_util.tree_leaves(variables), jnp.float32)
+  logits, updates = head.apply(variables, fmap, train=True, mutable=["batch_stats"])
+  chex.assert_shape(logits, (2, 3))
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_tree_all_finite((logits, updates))
+
+
+def test_param_count_counts_arrays_and_shape_structs():
+  tree = {"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4), jax.ShapeDtypeStruct((5, 1), jnp.float32)]}
+  assert models.param_count(tree) == 15
+
+
+def test_create_backbone_rejects_unknown_name():
+  with pytest.raises(ValueError, match="resnet18"):
+    models.create_backbone("vgg16", NUM_CLASSES)
