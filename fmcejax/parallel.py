@@ -8,6 +8,7 @@ devices compute what one device would on the same global batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -36,9 +37,9 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def make_mesh() -> Mesh:
-  """A mesh over all global devices, in the order jax enumerates them."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D data mesh over `devices` (default: every device of every host)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

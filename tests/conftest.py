@@ -1,0 +1,23 @@
+"""Every test process sees 8 CPU devices, so data parallelism is exercised everywhere."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def mnist_tfds(tmp_path_factory) -> str:
+  """Real MNIST (official archives in ../shared/data), prepared once per test session."""
+  if not (SHARED_DATA / "mnist").exists():
+    pytest.skip(f"real MNIST archives not found in {SHARED_DATA}")
+  from fmcejax import input_pipeline
+  tfds_dir = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.prepare("mnist", str(SHARED_DATA), tfds_dir)
+  return tfds_dir
