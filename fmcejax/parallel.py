@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -38,8 +39,37 @@ def initialize_distributed() -> None:
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D data mesh over `devices` (default: every device of every host)."""
-  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+  """A 1-D data mesh over `devices` (default: every device of every host, in that order).
+
+  The default orders devices by (process, id), so each process owns one contiguous block of
+  the batch axis: process p's local batch is global rows [p * local, (p + 1) * local), which
+  `fmcs_data.extract` relies on. (A no-op where ids already group by process, as on CPU and
+  GPU; a safeguard for TPU slices.)
+  """
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def sync(name: str) -> None:
+  """A barrier across every process (a no-op with one): call it after process 0 writes a file
+  the others will read or test for, so they all see it and take the same branch.
+
+  Every process must call it with the same `name`, in the same order.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process (a no-op with one process).
+
+  For decisions read from the shared filesystem (is a stage finished?), which must be taken
+  identically by every process even when a file system's caches let them see different things.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

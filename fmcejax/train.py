@@ -26,9 +26,6 @@ from fmcejax import (config_lib, cqi, fmce_net, fmcs_data, input_pipeline, model
                      report, steps, trainer)
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.py"
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Python config file (ml_collections).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "./workdir", "Where checkpoints and results go.")
 
 EXIT_BAD_INPUT = 2
 
@@ -275,14 +272,20 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv if argv is None else argv
   try:
+    # Defined here, not at import: config_flags reads the overrides while defining the flag,
+    # and an unknown field must become our exit status 2, not a traceback.
+    config_flag = config_flags.DEFINE_config_file(
+        "config", str(_DEFAULT_CONFIG), "Python config file (ml_collections).",
+        lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", "./workdir", "Where results go.")
     flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     return _fail(f"bad command line: {e}. Usage: python -m fmcejax.train [--config FILE] "
                  "[--workdir DIR] [--config.FIELD=VALUE ...]")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   parallel.initialize_distributed()
-  config = _CONFIG.value
-  workdir = Path(_WORKDIR.value)
+  config = config_flag.value
+  workdir = Path(workdir_flag.value)
   try:
     config_lib.validate(config, device_count=jax.device_count(),
                         process_count=jax.process_count())
