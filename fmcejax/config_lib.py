@@ -1,6 +1,6 @@
-"""Config validation: every bad value is caught here, before anything compiles.
+"""The config schema (`base_config`, every field with its default) and its validation.
 
-Each check raises `ConfigError` naming the field, the value and what is accepted; the CLI turns it
+Every bad value is caught here, before anything compiles: each check raises `ConfigError` naming the field, the value and what is accepted; the CLI turns it
 into one paragraph on stderr and exit status 2.
 """
 
@@ -167,8 +167,12 @@ def _float_in(config: Mapping, field: str, low: float, high: float, *, open_low=
     raise ConfigError(field, value, f"a number in {bracket}{low}, {high}]")
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int) -> None:
-  """Checks every field the pipeline reads; raises ConfigError on the first bad one."""
+def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int,
+             check_data: bool = True) -> None:
+  """Checks every field the pipeline reads; raises ConfigError on the first bad one.
+
+  `check_data` also looks for the dataset (prepared, or offline archives) without preparing it.
+  """
   from fmcejax import input_pipeline, models  # local: keep `--help` and errors fast
 
   _one_of(config, "dataset", input_pipeline.DATASETS)
@@ -212,7 +216,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                         "The global batch is split evenly over every device.")
     if value % process_count:
       raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
-  _check_data(config)
+  if check_data:
+    _check_data(config)
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:

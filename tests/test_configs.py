@@ -1,0 +1,44 @@
+"""Every shipped config loads, validates, and keeps the CLI contract's field names."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from fmcejax import config_lib
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+REQUIRED = ("dataset", "backbone", "stages", "epochs", "batch_size", "seeds", "alpha", "data_dir",
+            "train_examples_limit", "dtype")
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_the_issue_configs_exist():
+  names = {p.stem for p in CONFIGS}
+  assert {"mnist_cnn", "fashion_mnist_cnn", "mnist_resnet18", "cifar10_resnet18",
+          "cifar10_resnet50", "cifar100_shufflenet_v2"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_valid(path):
+  config = _load(path)
+  for field in REQUIRED:
+    assert field in config, field
+  config_lib.validate(config, device_count=8, process_count=2, check_data=False)
+  assert config_lib.parse_stages(config.stages) == list(config_lib.STAGES)
+
+
+def test_seeds_accept_a_count_or_a_list():
+  assert config_lib.parse_seeds(3) == [0, 1, 2]
+  assert config_lib.parse_seeds("3") == [0, 1, 2]
+  assert config_lib.parse_seeds("0,4,7") == [0, 4, 7]
+  assert config_lib.parse_seeds((5, 1)) == [5, 1]
+  for bad in (0, "1,1", "a", [-1]):
+    with pytest.raises(config_lib.ConfigError, match="'seeds'"):
+      config_lib.parse_seeds(bad)
