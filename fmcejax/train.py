@@ -8,8 +8,11 @@ on a re-run and an interrupted one resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -264,6 +267,32 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     report.atomic_write_json(path, current)
 
 
+def lock_workdir(workdir: Path):
+  """Holds an exclusive lock on the workdir for this process's life (process 0 of a job).
+
+  A second run on the same workdir would interleave checkpoints; it is refused instead. The
+  kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+  """
+  if jax.process_index() != 0:
+    return None
+  workdir.mkdir(parents=True, exist_ok=True)
+  handle = open(workdir / ".lock", "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    owner = handle.read().strip() or "another process"
+    handle.close()
+    raise config_lib.ConfigError(
+        "workdir", str(workdir), "a workdir no other fmcejax run is using",
+        f"It is in use by {owner}; wait for that run to finish or use another --workdir.") from None
+  handle.seek(0)
+  handle.truncate()
+  handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+  handle.flush()
+  return handle
+
+
 def _fail(message: str) -> int:
   print(f"fmcejax: error: {message}", file=sys.stderr)
   return EXIT_BAD_INPUT
@@ -289,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     config_lib.validate(config, device_count=jax.device_count(),
                         process_count=jax.process_count())
+    lock = lock_workdir(workdir)  # noqa: F841 - held until exit
     check_workdir(config, workdir)
     pipeline = Pipeline(config, workdir)
   except config_lib.ConfigError as e:

@@ -114,6 +114,54 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _quarantine(manager: ocp.CheckpointManager, bad_steps: list[int]) -> None:
+  """Moves unreadable checkpoints aside (kept for inspection) so their steps can be re-saved."""
+  if jax.process_index() == 0:
+    aside = Path(str(manager.directory) + ".corrupt")
+    aside.mkdir(exist_ok=True)
+    for step in bad_steps:
+      target = aside / f"{step}.{int(time.time())}"
+      (Path(manager.directory) / str(step)).rename(target)
+  manager.reload()
+
+
+def _restore_latest_good(manager: ocp.CheckpointManager, state: steps.TrainState,
+                         identity: dict[str, Any], run_dir: Path):
+  """(state, loader state, progress) of the newest readable checkpoint, or None if none exist.
+
+  A checkpoint that fails to restore (truncated file, missing item) is reported and skipped for
+  the one before it; if checkpoints exist but none is readable the run stops rather than
+  silently starting from scratch. Orbax only lists finalized checkpoints, so a write cut short
+  by a kill is never a candidate.
+  """
+  candidates = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for step in candidates:
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+      _check_identity(meta.progress["identity"], identity, run_dir)
+      out = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract(state)), loader=ocp.args.JsonRestore()))
+    except CheckpointMismatch:
+      raise
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous
+      logging.error("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+                    manager.directory, step, type(e).__name__, str(e)[:300])
+      errors.append(f"step {step}: {type(e).__name__}")
+      continue
+    if errors:
+      _quarantine(manager, [c for c in candidates if c > step])
+      logging.warning("resumed from step %d after skipping unreadable checkpoint(s): %s (moved "
+                      "to %s.corrupt)", step, ", ".join(errors), manager.directory)
+    logging.info("%s: resumed from step %d", run_dir, step)
+    return out.state, out.loader, meta.progress
+  if candidates:
+    raise RuntimeError(
+        f"no readable checkpoint in {manager.directory} ({'; '.join(errors)}). Refusing to "
+        "start over silently: delete that directory to restart this run from scratch.")
+  return None
+
+
 class _Writer:
   """TensorBoard scalars from process 0 only."""
 
@@ -162,15 +210,10 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
                               "stopped_early": False, "nonfinite_steps": 0,
                               "images": 0, "train_seconds": 0.0, "identity": job.identity}
   manager = checkpoint_manager(run_dir / "checkpoints", options.keep_checkpoints)
-  latest = manager.latest_step()
-  if latest is not None:
-    meta = manager.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-    _check_identity(meta.progress["identity"], job.identity, run_dir)
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(state)), loader=ocp.args.JsonRestore()))
-    state, progress = restored.state, meta.progress
-    iterator.set_state(restored.loader)
-    logging.info("%s: resumed from step %d", options.description, latest)
+  restored = _restore_latest_good(manager, state, job.identity, run_dir)
+  if restored is not None:
+    state, loader_state, progress = restored
+    iterator.set_state(loader_state)
 
   total = job.steps_per_epoch * job.epochs
   step = int(jax.device_get(state.step))

@@ -140,3 +140,34 @@ def test_checkpoint_of_another_job_is_refused(tmp_path):
   _fit(_job(epochs=1, identity={"backbone": "cnn", "seed": 0}), tmp_path)
   with pytest.raises(trainer.CheckpointMismatch, match="seed: checkpoint has 0, this run has 1"):
     _fit(_job(epochs=1, identity={"backbone": "cnn", "seed": 1}), tmp_path)
+
+
+def _truncate_state_files(checkpoint_dir):
+  files = [p for p in (checkpoint_dir / "state").rglob("*") if p.is_file() and p.stat().st_size]
+  assert files
+  for p in files:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, straight, caplog):
+  def crash_at_step_7(index, batch):
+    if index == 7:
+      raise Crash
+    return batch
+
+  with pytest.raises(Exception):
+    _fit(_job(train_map=crash_at_step_7), tmp_path, checkpoint_every_steps=2)
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved[-1] == 6
+  _truncate_state_files(tmp_path / "checkpoints" / "6")
+  _same(_fit(_job(), tmp_path, checkpoint_every_steps=2), straight)
+  assert "checkpoints/6 is unreadable" in caplog.text.replace(str(tmp_path) + "/", "")
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
+  _fit(_job(epochs=1), tmp_path)
+  for step_dir in (tmp_path / "checkpoints").iterdir():
+    if step_dir.name.isdigit():
+      _truncate_state_files(step_dir)
+  with pytest.raises(RuntimeError, match="no readable checkpoint"):
+    _fit(_job(epochs=1), tmp_path)
