@@ -191,19 +191,20 @@ def _torch_contenders(args: argparse.Namespace, host: dict[str, Any],
         head = torch_ref.frozen(head.to(device))
       optimizer = torch_ref.create_optimizer(model, LEARNING_RATE, weight_decay=WEIGHT_DECAY,
                                              momentum=MOMENTUM, nesterov=True)
-      train = torch_ref.TrainStep(
-          model, optimizer, mean=mean, std=std, head=head, module=host["module"], alpha=ALPHA,
-          autocast_dtype=autocast, channels_last=use_cuda, compile=mode == "compile")
-
-      def step(train=train) -> None:
-        train(images, labels)
-        sync()
-
       if use_cuda:
         torch.cuda.reset_peak_memory_stats()
       figures: dict[str, Any] = {"channels_last": use_cuda, "device": str(device),
                                  "threads": torch.get_num_threads()}
       try:
+        train = torch_ref.TrainStep(
+            model, optimizer, mean=mean, std=std, head=head, module=host["module"],
+            alpha=ALPHA, autocast_dtype=autocast, channels_last=use_cuda,
+            compile=mode == "compile")
+
+        def step(train=train) -> None:
+          train(images, labels)
+          sync()
+
         start = time.perf_counter()
         step()
         figures["first_step_s"] = time.perf_counter() - start

@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -237,6 +238,9 @@ class Pipeline:
 
   def run(self, stages: list[str]) -> None:
     for stage in stages:
+      if trainer.PREEMPTED.is_set():
+        raise trainer.Preempted(f"SIGTERM received before stage {stage}; finished stages are "
+                                "saved. Re-run the same command to resume.")
       if stage in ("baseline", "fmcenetpp"):
         if not self.done(stage):
           self.paired(stage)
@@ -325,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(str(e))
   except input_pipeline.DataError as e:
     return _fail(str(e))
+  signal.signal(signal.SIGTERM, trainer.request_preemption)
   try:
     pipeline.run(config_lib.parse_stages(config.stages))
   except trainer.Preempted as e:

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,19 +79,20 @@ class LoopOptions:
 EpochHook = Callable[[int, steps.TrainState, list[dict[str, Any]]], bool]
 
 
+PREEMPTED = threading.Event()
+
+
+def request_preemption(signum=None, frame=None) -> None:
+  """SIGTERM handler (TPU/GCE preemption notice): the loop checkpoints at its next step."""
+  del signum, frame
+  PREEMPTED.set()
+
+
 @contextlib.contextmanager
-def _sigterm_flag():
-  """Turns SIGTERM (TPU/GCE preemption notice) into a flag the loop polls between steps."""
-  flag = {"set": False}
-  previous = signal.getsignal(signal.SIGTERM)
-
-  def handler(signum, frame):
-    del signum, frame
-    flag["set"] = True
-
-  signal.signal(signal.SIGTERM, handler)
+def _sigterm_handled():
+  previous = signal.signal(signal.SIGTERM, request_preemption)
   try:
-    yield flag
+    yield
   finally:
     signal.signal(signal.SIGTERM, previous)
 
@@ -284,7 +286,7 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
   bar = tqdm.tqdm(total=total, initial=step, desc=options.description, unit="step",
                   dynamic_ncols=True, leave=False) if show else None
   try:
-    with _sigterm_flag() as sigterm:
+    with _sigterm_handled():
       while step < total and not progress["stopped_early"]:
         batch = parallel.global_batch(next(iterator), mesh)
         state, metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step),
@@ -296,7 +298,8 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
         epoch_end = step % job.steps_per_epoch == 0
         periodic = bool(options.checkpoint_every_steps) and (
             step % options.checkpoint_every_steps == 0)
-        if epoch_end or periodic or sigterm["set"] or step % options.log_every == 0 or (
+        preempted = PREEMPTED.is_set()
+        if epoch_end or periodic or preempted or step % options.log_every == 0 or (
             not timing["warm"]):
           sync()
         if epoch_end:
@@ -315,11 +318,15 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
           if on_epoch_end is not None and on_epoch_end(epoch, state, progress["history"]):
             progress["stopped_early"] = True
           clock = time.perf_counter()
-        if epoch_end or periodic or sigterm["set"]:
+        if PREEMPTED.is_set() and not preempted:  # arrived during evaluation or the epoch hook
+          preempted = True
+          sync()
+        if epoch_end or periodic or preempted:
           save()
           clock = time.perf_counter()
-        if sigterm["set"]:
+        if preempted:
           manager.wait_until_finished()
+          PREEMPTED.clear()  # handled: this process may train again (notebooks, tests)
           raise Preempted(f"{options.description}: SIGTERM received; checkpoint written at "
                           f"step {step}. Re-run the same command to resume.")
   finally:

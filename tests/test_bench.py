@@ -1,0 +1,78 @@
+"""`python -m fmcejax.bench` runs end to end on CPU and writes the JSON it promises."""
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmcejax import bench, models
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+TORCH = "eager" if HAS_TORCH else "none"
+
+
+def _positive(value):
+  return isinstance(value, (int, float)) and value > 0
+
+
+def test_bench_writes_the_json_it_prints(tmp_path, capsys):
+  path = tmp_path / "bench.json"
+  returned = bench.main(["--backbone", "cnn", "--batch_size", "16", "--steps", "3",
+                         "--warmup", "1", "--rounds", "2", "--torch", TORCH,
+                         "--pipeline_batches", "5", "--json", str(path)])
+  result = json.loads(path.read_text())
+  assert result == json.loads(json.dumps(returned))
+  assert set(result) == {"config", "environment", "flops", "results", "ratios", "input_pipeline"}
+  assert result["config"]["head_module"] == "conv3"
+  frameworks = ["jax"] + (["torch_eager"] if HAS_TORCH else [])
+  assert list(result["results"]) == frameworks
+  for framework in frameworks:
+    for variant in ("baseline", "ral"):
+      figures = result["results"][framework][variant]
+      for key in ("first_step_s", "step_s", "images_per_second"):
+        assert _positive(figures[key]), (framework, variant, key, figures)
+      assert figures["timed_steps"] == 3
+      assert figures["peak_bytes"] is None  # CPU: the backend reports no memory stats
+    assert _positive(result["ratios"]["ral_over_baseline_step_time"][framework])
+  for variant in ("baseline", "ral"):
+    assert _positive(result["results"]["jax"][variant]["compile_s"])
+  flops = result["flops"]
+  assert _positive(flops["forward_per_image"])
+  assert flops["train_per_image"]["ral"] > flops["train_per_image"]["baseline"] > 0
+  if HAS_TORCH:
+    assert _positive(result["ratios"]["jax_over_torch_eager_ral"]["images_per_second"])
+  assert _positive(result["input_pipeline"]["images_per_second"])
+  assert _positive(result["input_pipeline"]["over_jax_baseline"])
+  table = capsys.readouterr().out
+  assert "RAL / baseline step time" in table and "torch_compile" not in table
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
+  import torch
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("no C++ compiler found")
+
+  monkeypatch.setattr(torch, "compile", broken)
+  args = bench.parse_args(["--batch_size", "8", "--warmup", "0", "--torch", "compile"])
+  model = models.create_backbone("cnn", 10)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  head = models.FMCENet(bench.NUM_PHASES, bench.HEAD_WIDTH, bench.HEAD_DEPTH)
+  host = {"backbone": variables, "module": "conv3", "feature_shape": (7, 7, 64),
+          "head": head.init(jax.random.PRNGKey(1), jnp.zeros((1, 7, 7, 64)), train=False)}
+  batch = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros(8, np.int32)}
+  contenders = bench._torch_contenders(args, host, batch, (0.5,), (0.25,), ("compile",))
+  assert [(c.framework, c.variant) for c in contenders] == [
+      ("torch_compile", "baseline"), ("torch_compile", "ral")]
+  for c in contenders:
+    assert c.step is None
+    assert c.figures["error"] == "RuntimeError: no C++ compiler found"
+
+
+def test_rejects_a_batch_that_does_not_split_over_the_devices():
+  with pytest.raises(ValueError, match="multiple"):
+    bench.main(["--batch_size", "12", "--torch", "none"])  # conftest: 8 CPU devices
