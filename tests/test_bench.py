@@ -59,11 +59,14 @@ def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
 
   monkeypatch.setattr(torch, "compile", broken)
   args = bench.parse_args(["--batch_size", "8", "--warmup", "0", "--torch", "compile"])
-  model = models.create_backbone("cnn", 10)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  def ones(module, shape):  # only the shapes matter here; eval_shape avoids compiling
+    abstract = jax.eval_shape(lambda: module.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+    return jax.tree.map(lambda s: np.ones(s.shape, np.float32), abstract)
+
   head = models.FMCENet(bench.NUM_PHASES, bench.HEAD_WIDTH, bench.HEAD_DEPTH)
-  host = {"backbone": variables, "module": "conv3", "feature_shape": (7, 7, 64),
-          "head": head.init(jax.random.PRNGKey(1), jnp.zeros((1, 7, 7, 64)), train=False)}
+  host = {"backbone": ones(models.create_backbone("cnn", 10), (28, 28, 1)), "module": "conv3",
+          "feature_shape": (7, 7, 64), "head": ones(head, (7, 7, 64))}
   batch = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros(8, np.int32)}
   contenders = bench._torch_contenders(args, host, batch, (0.5,), (0.25,), ("compile",))
   assert [(c.framework, c.variant) for c in contenders] == [
@@ -76,3 +79,22 @@ def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
 def test_rejects_a_batch_that_does_not_split_over_the_devices():
   with pytest.raises(ValueError, match="multiple"):
     bench.main(["--batch_size", "12", "--torch", "none"])  # conftest: 8 CPU devices
+
+
+def test_table_shows_failures_and_missing_figures():
+  figures = {"first_step_s": 2.0, "step_s": 0.01, "images_per_second": 1600.0,
+             "peak_bytes": None, "mfu": None}
+  result = {
+      "config": {"backbone": "cnn", "image_shape": [28, 28, 1], "batch_size": 16,
+                 "dtype": "float32"},
+      "environment": {"device_count": 1, "device_kind": "cpu",
+                      "load_average_start": [1.0, 1.0, 1.0], "load_average_end": [2.0, 1.0, 1.0]},
+      "results": {"jax": {"baseline": figures},
+                  "torch_compile": {"baseline": {"error": "RuntimeError: boom"}}},
+      "ratios": {"ral_over_baseline_step_time": {"jax": None},
+                 "jax_over_torch_compile_baseline": {"images_per_second": None}},
+      "input_pipeline": {"images_per_second": 3200.0, "over_jax_baseline": 2.0},
+  }
+  table = bench.format_table(result)
+  assert "failed: RuntimeError: boom" in table
+  assert "1600" in table and "jax -" in table and "3200 img/s = 2.00 x" in table
