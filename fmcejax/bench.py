@@ -1,4 +1,4 @@
-"""Benchmark of the train step: JAX baseline and RAL vs the PyTorch reference, and the input pipeline.
+"""Benchmark of the train step (JAX baseline and RAL vs the PyTorch reference) and input pipeline.
 
 `python -m fmcejax.bench --backbone resnet18 --batch_size 128` prints a table and writes JSON.
 
@@ -92,7 +92,8 @@ def _peak_bytes(device: jax.Device) -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def forward_flops_per_image(backbone: str, image_shape: tuple[int, ...], num_classes: int) -> float | None:
+def forward_flops_per_image(backbone: str, image_shape: tuple[int, ...],
+                            num_classes: int) -> float | None:
   """Inference FLOPs of one image, from XLA's cost analysis of the eval-mode forward."""
   model = models.create_backbone(backbone, num_classes)
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
@@ -171,7 +172,11 @@ def _torch_contenders(args: argparse.Namespace, host: dict[str, Any],
 
   from fmcejax import torch_ref
 
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   use_cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  # cuDNN autotuning is torch's counterpart of XLA's conv autotuning, which JAX does by default.
+  torch.backends.cudnn.benchmark = use_cuda
   device = torch.device("cuda" if use_cuda else "cpu")
   images = torch.from_numpy(host_batch["image"]).to(device)
   labels = torch.from_numpy(host_batch["label"]).long().to(device)
@@ -334,7 +339,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "config": {"backbone": args.backbone, "batch_size": args.batch_size, "dtype": args.dtype,
                  "image_shape": list(image_shape), "num_classes": args.num_classes,
                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-                 "torch": args.torch, "alpha": ALPHA, "head_module": host["module"],
+                 "torch": args.torch, "torch_threads": args.torch_threads, "alpha": ALPHA,
+                 "head_module": host["module"],
                  "head": {"num_phases": NUM_PHASES, "width": HEAD_WIDTH, "depth": HEAD_DEPTH},
                  "optimizer": {"name": "sgd", "learning_rate": LEARNING_RATE,
                                "momentum": MOMENTUM, "nesterov": True,
@@ -409,6 +415,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       type=lambda s: tuple(int(v) for v in s.split(",")))
   parser.add_argument("--num_classes", type=int, default=10)
   parser.add_argument("--torch", default="both", choices=tuple(TORCH_MODES))
+  parser.add_argument("--torch_threads", type=int, default=0,
+                      help="torch intra-op CPU threads (0: torch's default, one per core)")
   parser.add_argument("--pipeline_batches", type=int, default=100,
                       help="timed batches of the input-pipeline measurement")
   parser.add_argument("--peak_tflops", type=float, default=0.0,

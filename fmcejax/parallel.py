@@ -72,6 +72,17 @@ def agree(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any (a no-op with one process).
+
+  For events each host sees at its own moment, such as SIGTERM before a preemption: hosts must
+  act on them at the same step, or one waits forever in a checkpoint the others never start.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -301,7 +301,8 @@ def copy_flax_variables(module: nn.Module, variables: Mapping[str, Any]) -> None
 
   walk(params, stats, ())
   expected = {name for name, _ in module.named_parameters()}
-  expected |= {name for name, _ in module.named_buffers() if not name.endswith("num_batches_tracked")}
+  expected |= {name for name, _ in module.named_buffers()
+               if not name.endswith("num_batches_tracked")}
   missing = expected - done
   if missing:
     raise ValueError(f"torch tensors not found in the Flax variables: {sorted(missing)}")

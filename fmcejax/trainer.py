@@ -266,10 +266,10 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
                       img_s=f"{scalars.get('train/images_per_second', 0.0):.0f}")
     pending.clear()
 
-  def save(force: bool = True) -> None:
+  def save() -> None:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(iterator.get_state()),
-        progress=ocp.args.JsonSave(progress)), force=force)
+        progress=ocp.args.JsonSave(progress)), force=True)
 
   def evaluate() -> dict[str, float]:
     sums = None
