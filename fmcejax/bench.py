@@ -7,10 +7,11 @@ sharded over `parallel.make_mesh()`), compiled ahead of time so compilation is t
 then timed one device-synchronised step at a time (`jax.block_until_ready`) on a fixed device
 batch; the input pipeline is timed separately. The RAL step is `train_with_head`: a frozen
 `models.FMCENet` on the backbone's `models.DEFAULT_MODULE` map, alpha 0.1 (convex, phase
-target). The PyTorch reference (`torch_ref`) runs on the same device in the same process, eager
-and under `torch.compile`, from the same initial weights. Timed steps of all contenders are
-interleaved in rounds so that load from other processes on a shared machine hits all of them
-alike; every figure is the median of the timed steps, warm-up excluded.
+target). The PyTorch reference (`torch_ref`) runs on the same (first) device in the same
+process, eager and under `torch.compile`, from the same initial weights. Timed steps of all
+contenders are interleaved in rounds so that load from other processes on a shared machine hits
+all of them alike; every figure is the median of the timed steps, warm-up excluded. JAX peak
+memory is the process high-water mark (`memory_stats`), read after each variant's warm-up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -45,8 +47,10 @@ LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 VARIANTS = ("baseline", "ral")
 TORCH_MODES = {"none": (), "eager": ("eager",), "compile": ("compile",),
                "both": ("eager", "compile")}
-# Dense peak FLOP/s per device for MFU; other devices need --peak_tflops.
-PEAK_FLOPS = {("H100", "bfloat16"): 989.4e12, ("H200", "bfloat16"): 989.4e12}
+# Dense (no sparsity) peak FLOP/s per device for MFU, first `device_kind` substring match wins;
+# other devices and dtypes need --peak_tflops.
+PEAK_FLOPS = ((("H100 PCIe", "bfloat16"), 756e12), (("H100 NVL", "bfloat16"), 835e12),
+              (("H100", "bfloat16"), 989.4e12), (("H200", "bfloat16"), 989.4e12))
 
 
 @dataclasses.dataclass
@@ -84,6 +88,13 @@ def _flops(compiled: Any) -> float | None:
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get("flops")
   return float(flops) if flops else None
+
+
+def peak_flops_per_device(device_kind: str, dtype: str, peak_tflops: float = 0.0) -> float | None:
+  """The MFU denominator: `peak_tflops` if given, else the `PEAK_FLOPS` entry, else None."""
+  if peak_tflops:
+    return peak_tflops * 1e12
+  return next((v for (kind, dt), v in PEAK_FLOPS if kind in device_kind and dt == dtype), None)
 
 
 def _peak_bytes(device: jax.Device) -> int | None:
@@ -279,9 +290,8 @@ def _environment() -> dict[str, Any]:
          "optax": optax.__version__, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
          "load_average_start": os.getloadavg()}
   try:
-    import torch
-    env["torch"] = torch.__version__
-  except ImportError:
+    env["torch"] = importlib.metadata.version("torch")
+  except importlib.metadata.PackageNotFoundError:
     env["torch"] = None
   return env
 
@@ -304,9 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   _timed_rounds(contenders, args.steps, args.rounds)
   env["load_average_end"] = os.getloadavg()
 
-  peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
-      (v for (kind, dt), v in PEAK_FLOPS.items()
-       if kind in env["device_kind"] and dt == args.dtype), None)
+  peak = peak_flops_per_device(env["device_kind"], args.dtype, args.peak_tflops)
   jax_flops = {c.variant: c.figures.get("train_flops_per_image")
                for c in contenders if c.framework == "jax"}
   results: dict[str, dict[str, Any]] = {}
@@ -317,7 +325,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       figures.update(step_s=step_s, images_per_second=args.batch_size / step_s,
                      timed_steps=len(c.times), step_s_min=min(c.times), step_s_max=max(c.times))
       flops = jax_flops.get(c.variant)
-      figures["mfu"] = (flops * figures["images_per_second"] / (peak * mesh.size)
+      devices = mesh.size if c.framework == "jax" else 1  # torch runs on one device
+      figures["mfu"] = (flops * figures["images_per_second"] / (peak * devices)
                         if flops and peak else None)
     results.setdefault(c.framework, {})[c.variant] = figures
 

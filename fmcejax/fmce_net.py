@@ -116,8 +116,12 @@ def load_head(config: ml_collections.ConfigDict, workdir: Path, module: str,
   """The trained FMCE-Net as a frozen head: its module and its variables (never optimised)."""
   meta = fmcs_data.Source(workdir / "fmcs_data", "holdout")
   model = _head_model(config, meta.num_phases, dtype)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *meta.feature_shape)), train=False))
+  # Replicated over this job's devices, whatever devices saved it (another machine, host count).
+  sharding = parallel.replicated(parallel.make_mesh())
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      jax.eval_shape(lambda: model.init(
+          jax.random.PRNGKey(0), jnp.zeros((1, *meta.feature_shape)), train=False)))
   variables = ocp.StandardCheckpointer().restore(
       (workdir / "fmce_net" / "head").absolute(), abstract)
   return steps.Head(model=model, module=module), variables

@@ -61,6 +61,14 @@ def param_count(params: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2/2 max-pool as reshape + max: same values as nn.max_pool, and its gradient is ~9x faster
+  on XLA's CPU backend (measured: the CNN train step 1.65-1.87x faster)."""
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class SimpleCNN(nn.Module):
   """Three conv-BN-ReLU blocks (~24k params): ~98.7% on MNIST in 3 epochs, ~2k images/s on 2 CPU cores."""
   num_classes: int
@@ -75,7 +83,7 @@ class SimpleCNN(nn.Module):
       x = conv(width, (3, 3), padding=_PAD1, name=f"conv{i + 1}")(x)
       x = nn.relu(norm(name=f"bn{i + 1}")(x))
       if i < 2:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = _max_pool_2x2(x)
       features[f"conv{i + 1}"] = x
     return _classifier(x, self.num_classes, self.dtype), features
 

@@ -20,21 +20,27 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed() -> None:
-  """Joins a multi-host job when one is configured; a no-op on a single host.
+  """Joins a multi-host job when there is one; a no-op on a single machine.
 
-  On TPU VMs (`TPU_WORKER_HOSTNAMES` set by the runtime) and SLURM/Open MPI jobs JAX detects
-  everything itself; elsewhere set FMCEJAX_COORDINATOR, FMCEJAX_NUM_PROCESSES and
-  FMCEJAX_PROCESS_ID (see launch/README.md).
+  - FMCEJAX_COORDINATOR=<host:port>, FMCEJAX_NUM_PROCESSES, FMCEJAX_PROCESS_ID: an explicit
+    job (several GPU or CPU machines; CPU collectives then go over gloo).
+  - FMCEJAX_DISTRIBUTED=auto (Cloud TPU pod slices, as launch/tpu_pod.sh sets it; SLURM; Open
+    MPI), or a GKE TPU pod (TPU_WORKER_HOSTNAMES lists several hosts):
+    `jax.distributed.initialize()` with no arguments, JAX detecting the hosts itself (on a
+    Cloud TPU VM from the metadata server).
+  Nothing else triggers it, so a single TPU VM or Colab TPU stays a plain single process.
+  See launch/README.md and docs/MULTIHOST.md.
   """
   coordinator = os.environ.get("FMCEJAX_COORDINATOR")
   if coordinator:
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU hosts need a collectives backend.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Only affects the CPU backend; without it CPU computations cannot span processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ["FMCEJAX_NUM_PROCESSES"]),
         process_id=int(os.environ["FMCEJAX_PROCESS_ID"]))
-  elif "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
+  elif (os.environ.get("FMCEJAX_DISTRIBUTED") == "auto"
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")):
     jax.distributed.initialize()
 
 

@@ -21,12 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STAGES: dict[str, tuple[str, ...]] = {
-    "cnn": ("conv1", "conv2", "conv3"),
-    "resnet18": ("stem", "stage1", "stage2", "stage3", "stage4"),
-    "resnet50": ("stem", "stage1", "stage2", "stage3", "stage4"),
-    "shufflenet_v2": ("stem", "stage2", "stage3", "stage4", "conv5"),
-}
+from fmcejax.models import BACKBONES
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -246,7 +241,7 @@ def create_backbone(name: str, num_classes: int, in_channels: int) -> nn.Module:
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels)
   if name == "shufflenet_v2":
     return ShuffleNetV2(num_classes, in_channels)
-  raise ValueError(f"unknown backbone {name!r}; accepted: {', '.join(STAGES)}")
+  raise ValueError(f"unknown backbone {name!r}; accepted: {', '.join(BACKBONES)}")
 
 
 def param_count(module: nn.Module) -> int:
@@ -330,7 +325,7 @@ def create_optimizer(model: nn.Module, learning_rate: float, *, weight_decay: fl
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
   return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}],
-                         lr=learning_rate, momentum=momentum, nesterov=nesterov)
+                         lr=learning_rate, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
 def ral_loss(logits: torch.Tensor, labels: torch.Tensor, head_logits: torch.Tensor | None,

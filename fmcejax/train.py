@@ -43,7 +43,12 @@ class Pipeline:
     self.mesh = parallel.make_mesh()
     self.seeds = config_lib.parse_seeds(config.seeds)
     self.module = config.module or models.DEFAULT_MODULE[config.backbone]
-    self.info = input_pipeline.prepare(config.dataset, config.data_dir, config.tfds_data_dir)
+    # Process 0 prepares first: on a shared tfds_data_dir the others then find it prepared.
+    if jax.process_index() == 0:
+      self.info = input_pipeline.prepare(config.dataset, config.data_dir, config.tfds_data_dir)
+    parallel.sync("prepare")
+    if jax.process_index() != 0:
+      self.info = input_pipeline.prepare(config.dataset, config.data_dir, config.tfds_data_dir)
     self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     self.loop = trainer.LoopOptions(
         log_every=config.log_every, checkpoint_every_steps=config.checkpoint_every_steps,
@@ -53,11 +58,13 @@ class Pipeline:
   # -- helpers -------------------------------------------------------------------------------
 
   def done(self, *parts: str) -> bool:
-    return (self.workdir.joinpath(*parts) / "metrics.json").exists()
+    # Process 0 decides: every process must take the same branch.
+    return parallel.agree((self.workdir.joinpath(*parts) / "metrics.json").exists())
 
   def write_metrics(self, metrics: dict[str, Any], *parts: str) -> None:
     if jax.process_index() == 0:
       report.atomic_write_json(self.workdir.joinpath(*parts) / "metrics.json", metrics)
+    parallel.sync("metrics:" + "/".join(parts))  # the other processes read it next
 
   def read_metrics(self, *parts: str) -> dict[str, Any]:
     path = self.workdir.joinpath(*parts) / "metrics.json"
@@ -119,6 +126,8 @@ class Pipeline:
     snapshots = trainer.checkpoint_manager(self.workdir / "probe" / "snapshots", None)
 
     def on_epoch_end(epoch, state, history) -> bool:
+      if epoch in snapshots.all_steps():  # re-trained after a kill: replace the earlier copy
+        snapshots.delete(epoch)
       snapshots.save(epoch, args=ocp.args.StandardSave(
           {"params": state.params, "batch_stats": state.batch_stats}), force=True)
       snapshots.wait_until_finished()
@@ -167,9 +176,11 @@ class Pipeline:
     start = time.perf_counter()
     try:
       for phase, epoch in enumerate(markers):
-        if fmcs_data.phase_done(out, phase):
+        if parallel.agree(fmcs_data.phase_done(out, phase)):  # all skip it, or none
           continue
-        variables = snapshots.restore(epoch, args=ocp.args.StandardRestore())
+        # fallback: the snapshot may come from other devices (a resumed run elsewhere).
+        variables = snapshots.restore(epoch, args=ocp.args.StandardRestore(
+            fallback_sharding=parallel.replicated(self.mesh)))
         features = fmcs_data.extract(model.apply, variables, images, module=self.module,
                                      preprocess=self.preprocess(), mesh=self.mesh,
                                      batch_size=c.eval_batch_size)
@@ -185,6 +196,7 @@ class Pipeline:
             "holdout_images": holdout_images.tolist()}
     if jax.process_index() == 0:
       fmcs_data.write_index(out, meta)
+    parallel.sync("fmcs_data:index")  # every process reads the phase files and index below
     source = fmcs_data.Source(out, "train")
     self.write_metrics({"feature_shape": list(source.feature_shape), "module": self.module,
                         "markers": markers, "num_images": n,
@@ -198,7 +210,7 @@ class Pipeline:
     self.write_metrics(result, "fmce_net")
 
   def head(self) -> tuple[steps.Head, Any] | None:
-    if not (self.workdir / "fmce_net" / "metrics.json").exists():
+    if not self.done("fmce_net"):
       return None
     return fmce_net.load_head(self.config, self.workdir, self.module, self.dtype)
 
@@ -231,14 +243,16 @@ class Pipeline:
 
   def report(self) -> None:
     c = self.config
-    result = report.write_report(self.workdir, {
-        "dataset": c.dataset, "backbone": c.backbone, "module": self.module, "alpha": c.alpha,
-        "seeds": self.seeds, "note": self.info.note})
-    self.write_metrics({k: result[k] for k in ("gain_pp_mean", "gain_pp_std")}, "report")
+    result = {}
+    if jax.process_index() == 0:  # one writer of report.json/.md and the plots
+      result = report.write_report(self.workdir, {
+          "dataset": c.dataset, "backbone": c.backbone, "module": self.module, "alpha": c.alpha,
+          "seeds": self.seeds, "note": self.info.note})
+    self.write_metrics({k: result.get(k) for k in ("gain_pp_mean", "gain_pp_std")}, "report")
 
   def run(self, stages: list[str]) -> None:
     for stage in stages:
-      if trainer.PREEMPTED.is_set():
+      if parallel.any_process(trainer.PREEMPTED.is_set()):  # all stop, or none
         raise trainer.Preempted(f"SIGTERM received before stage {stage}; finished stages are "
                                 "saved. Re-run the same command to resume.")
       if stage in ("baseline", "fmcenetpp"):
@@ -258,7 +272,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
   """Refuses to mix results of two different configs in one workdir."""
   path = workdir / "config.json"
   current = {k: v for k, v in config.to_dict().items() if k not in config_lib.RUN_ONLY_FIELDS}
-  if path.exists():
+  if parallel.agree(path.exists()):
     saved = json.loads(path.read_text())
     diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diffs:
@@ -266,9 +280,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
           diffs[0], current.get(diffs[0]), f"{saved.get(diffs[0])!r}, the value the results in "
           f"{workdir} were made with", f"The workdir was made with another config (fields "
           f"differing: {', '.join(diffs)}); use a new --workdir.")
-  elif jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    report.atomic_write_json(path, current)
+  else:
+    if jax.process_index() == 0:
+      workdir.mkdir(parents=True, exist_ok=True)
+      report.atomic_write_json(path, current)
+    parallel.sync("config.json")
 
 
 def lock_workdir(workdir: Path):
@@ -277,19 +293,23 @@ def lock_workdir(workdir: Path):
   A second run on the same workdir would interleave checkpoints; it is refused instead. The
   kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
   """
-  if jax.process_index() != 0:
-    return None
-  workdir.mkdir(parents=True, exist_ok=True)
-  handle = open(workdir / ".lock", "a+")
-  try:
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    handle.seek(0)
-    owner = handle.read().strip() or "another process"
-    handle.close()
+  handle, owner = None, ""
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = open(workdir / ".lock", "a+")
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      owner = handle.read().strip() or "another process"
+      handle.close()
+  if parallel.agree(bool(owner)):  # every process fails, or none waits for a dead process 0
     raise config_lib.ConfigError(
         "workdir", str(workdir), "a workdir no other fmcejax run is using",
-        f"It is in use by {owner}; wait for that run to finish or use another --workdir.") from None
+        f"It is in use by {owner or 'another run'}; wait for that run to finish or use another "
+        "--workdir.")
+  if handle is None:
+    return None
   handle.seek(0)
   handle.truncate()
   handle.write(f"pid {os.getpid()} on {socket.gethostname()}")

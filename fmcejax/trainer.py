@@ -124,6 +124,7 @@ def _quarantine(manager: ocp.CheckpointManager, bad_steps: list[int]) -> None:
     for step in bad_steps:
       target = aside / f"{step}.{int(time.time())}"
       (Path(manager.directory) / str(step)).rename(target)
+  parallel.sync("quarantine")  # every process reloads after the move
   manager.reload()
 
 
@@ -298,7 +299,10 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
         epoch_end = step % job.steps_per_epoch == 0
         periodic = bool(options.checkpoint_every_steps) and (
             step % options.checkpoint_every_steps == 0)
-        preempted = PREEMPTED.is_set()
+        logged = step % options.log_every == 0
+        # Saving is collective and each host gets SIGTERM at its own moment: with several
+        # processes, all stop together at the next step where every one checks (below).
+        preempted = PREEMPTED.is_set() and jax.process_count() == 1
         if epoch_end or periodic or preempted or step % options.log_every == 0 or (
             not timing["warm"]):
           sync()
@@ -318,7 +322,10 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
           if on_epoch_end is not None and on_epoch_end(epoch, state, progress["history"]):
             progress["stopped_early"] = True
           clock = time.perf_counter()
-        if PREEMPTED.is_set() and not preempted:  # arrived during evaluation or the epoch hook
+        if jax.process_count() > 1:
+          if epoch_end or periodic or logged:  # the same steps on every host; metrics synced
+            preempted = parallel.any_process(PREEMPTED.is_set())
+        elif PREEMPTED.is_set() and not preempted:  # arrived during evaluation or the hook
           preempted = True
           sync()
         if epoch_end or periodic or preempted:

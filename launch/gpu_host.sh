@@ -8,7 +8,8 @@ REPO="${HERE%/*}"
 source "$HERE/lib.sh"
 
 usage() {
-  cat <<EOF
+  local text  # no external program (cat), so --help and --dry-run run with an empty PATH
+  IFS= read -r -d '' text <<EOF || true
 Usage: launch/gpu_host.sh [options] [-- --config.FIELD=VALUE ...]
 
 Run on the GPU machine itself, from a checkout of this repository: creates a virtualenv,
@@ -33,6 +34,7 @@ Everything after '--' goes to the CLI unchanged, e.g. -- --config.epochs=30 --co
 Example:
   launch/gpu_host.sh --config configs/cifar10_resnet18.py --workdir /data/runs/c10 -- --config.seeds=3
 EOF
+  printf '%s' "$text"
 }
 
 CONFIG="configs/mnist_cnn.py"
@@ -63,7 +65,7 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-cd "$REPO"
+run cd "$REPO"
 if [[ "$INSTALL" == 1 ]]; then
   if [[ ! -x "$VENV/bin/python" ]]; then
     need "$PYTHON" "Install Python >= 3.11 or pass --python."

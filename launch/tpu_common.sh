@@ -13,7 +13,8 @@ case "$MODE" in
 esac
 
 usage() {
-  cat <<EOF
+  local text  # no external program (cat), so --help and --dry-run run with an empty PATH
+  IFS= read -r -d '' text <<EOF || true
 Usage: launch/tpu_$MODE.sh [options] COMMAND [-- --config.FIELD=VALUE ...]
 
 Runs the FMCE-Net++ pipeline on $WHAT, driving gcloud from this machine.
@@ -58,6 +59,7 @@ Example:
   launch/tpu_$MODE.sh --zone us-west4-a --spot --bucket gs://my-bucket/fmcejax \\
       --data gs://my-bucket/data --config configs/cifar10_resnet18.py all
 EOF
+  printf '%s' "$text"
 }
 
 ZONE="${TPU_ZONE:-}"
@@ -206,13 +208,15 @@ cmd_run() {
                --config.tfds_data_dir=../fmcejax-tfds)
   [[ -z "$DATA" ]] || train+=(--config.data_dir=../fmcejax-data)
   train+=(${EXTRA[@]+"${EXTRA[@]}"})
-  local line prefix="set -e; "
+  local line prefix="set -e; " env=""
   line="$(quote "${train[@]}")"
+  # Several hosts: jax.distributed.initialize() with no arguments (fmcejax/parallel.py).
+  [[ "$MODE" != pod ]] || env="FMCEJAX_DISTRIBUTED=auto "
   [[ -z "$BUCKET" ]] || prefix+="$(mount_cmd); "
   if [[ "$DETACH" == 1 ]]; then
-    on_workers "${prefix}cd $R_SRC; nohup setsid $line > $R_LOG 2>&1 < /dev/null & echo \"started; log in $R_LOG\""
+    on_workers "${prefix}cd $R_SRC; ${env}nohup setsid $line > $R_LOG 2>&1 < /dev/null & echo \"started; log in $R_LOG\""
   else
-    on_workers "${prefix}cd $R_SRC; $line"
+    on_workers "${prefix}cd $R_SRC; $env$line"
   fi
 }
 

@@ -98,3 +98,11 @@ def test_table_shows_failures_and_missing_figures():
   table = bench.format_table(result)
   assert "failed: RuntimeError: boom" in table
   assert "1600" in table and "jax -" in table and "3200 img/s = 2.00 x" in table
+
+
+def test_peak_flops_lookup():
+  assert bench.peak_flops_per_device("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+  assert bench.peak_flops_per_device("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert bench.peak_flops_per_device("NVIDIA H100 80GB HBM3", "float32") is None
+  assert bench.peak_flops_per_device("cpu", "float32") is None
+  assert bench.peak_flops_per_device("cpu", "float32", peak_tflops=2.5) == 2.5e12

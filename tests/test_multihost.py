@@ -16,9 +16,12 @@ What must hold:
   * re-running the finished command is a no-op (same files, no new checkpoint);
   * SIGTERM to one host (a preemption notice reaches each VM at its own moment) stops every
     host at the same step with one checkpoint, and re-running resumes to the uninterrupted
-    result.
+    result;
+  * the stages that hand files to each other (probe snapshots -> CQI -> FMCS-Dataset ->
+    FMCE-Net head) work across processes, and what two processes saved can be finished by one
+    process on other devices (a pod's workdir continued on a workstation).
 
-Slow (about 3 minutes on 2 cores). Every subprocess is bounded (`TIMEOUT`) and killed, with its
+Slow (about 4 minutes on 2 cores). Every subprocess is bounded (`TIMEOUT`) and killed, with its
 whole process group, if the test fails or times out.
 """
 
@@ -55,9 +58,10 @@ MOMENTUM_TOL = 1e-1       # the same for the optimizer state
 pytestmark = pytest.mark.slow
 
 
-def _args(workdir: Path, tfds_dir: str) -> list[str]:
-  return [f"--workdir={workdir}", "--config.stages=baseline", "--config.seeds=1",
-          f"--config.epochs={EPOCHS}", "--config.train_examples_limit=1024",
+def _args(workdir: Path, tfds_dir: str, stages: str = "baseline", epochs: int = EPOCHS,
+          limit: int = 1024) -> list[str]:
+  return [f"--workdir={workdir}", f"--config.stages={stages}", "--config.seeds=1",
+          f"--config.epochs={epochs}", f"--config.train_examples_limit={limit}",
           "--config.test_examples_limit=256", "--config.batch_size=64",
           "--config.eval_batch_size=64", "--config.learning_rate=0.01",
           "--config.progress_bar=False", "--config.log_every=2",
@@ -266,3 +270,29 @@ def test_sigterm_to_one_host_stops_all_and_resume_matches(tmp_path, mnist_tfds, 
   assert all("fmcejax: done" in o for o in outputs)
   _assert_same_results(_metrics(workdir), _metrics(reference))
   _assert_same_state(_checkpoint(workdir)[1], _checkpoint(reference)[1])
+
+
+def test_pipeline_stages_across_processes_then_finished_by_one(tmp_path, mnist_tfds):
+  workdir = tmp_path / "w"
+  tiny = ["--config.probe.epochs=6", "--config.probe.train_examples_limit=512",
+          "--config.fmcs.subset_size=256", "--config.fmce_net.epochs=2",
+          "--config.fmce_net.batch_size=64"]
+  first = _args(workdir, mnist_tfds, "probe,cqi,fmcs_data,fmce_net", 1, 512) + tiny
+  outputs = _run(first, tmp_path / "logs_two", processes=PROCESSES)
+  assert all("fmcejax: done" in o for o in outputs)
+  cqi = json.loads((workdir / "probe" / "cqi.json").read_text())
+  index = json.loads((workdir / "fmcs_data" / "index.json").read_text())
+  assert index["markers"] == cqi["markers"] and len(cqi["markers"]) == 5
+  snapshots = sorted(int(p.name) for p in (workdir / "probe" / "snapshots").iterdir()
+                     if p.name.isdigit())
+  assert snapshots == cqi["markers"], "the CQI stage prunes non-marker snapshots"
+  for phase in range(5):
+    assert np.load(workdir / "fmcs_data" / f"phase_{phase}.npy").shape[0] == 256
+  assert json.loads((workdir / "fmce_net" / "metrics.json").read_text())["phase_accuracy"] > 0.2
+
+  # The FMCE-Net head saved by two processes (devices 0-3 of each) loads in one process.
+  second = _args(workdir, mnist_tfds, "baseline,fmcenetpp,report", 1, 512) + tiny
+  outputs = _run(second, tmp_path / "logs_one", processes=1)
+  assert "fmcejax: done" in outputs[0]
+  report = json.loads((workdir / "report.json").read_text())
+  assert report["seeds"] == [0] and len(report["fmcenetpp_accuracy"]) == 1

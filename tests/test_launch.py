@@ -1,0 +1,212 @@
+"""The launch scripts: syntax, shellcheck, usage, and what their dry runs would run.
+
+Dry runs execute with a PATH holding only decoys (gcloud, git, tar, python3, pip, ...) that
+record any call: a dry run must print every command and run none, with no Cloud SDK installed.
+Every printed line must itself be valid shell, and so must each remote `--command=`.
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ("gpu_host.sh", "tpu_vm.sh", "tpu_pod.sh")
+BASH = shutil.which("bash") or "/bin/bash"
+DECOYS = ("gcloud", "gsutil", "gcsfuse", "git", "tar", "python", "python3", "pip", "uv", "cat",
+          "mkdir", "ssh", "scp", "nvidia-smi")
+
+
+@pytest.fixture()
+def decoy_path(tmp_path):
+  """(PATH value, log file): a bin dir of programs that only record that they were called."""
+  bin_dir, log = tmp_path / "bin", tmp_path / "called.log"
+  bin_dir.mkdir()
+  for name in DECOYS:
+    decoy = bin_dir / name
+    decoy.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\nexit 97\n')
+    decoy.chmod(0o755)
+  return str(bin_dir), log
+
+
+def launch(script, *args, path, dry_env=False, cwd=None):
+  env = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp")}
+  if dry_env:
+    env["DRY_RUN"] = "1"
+  return subprocess.run([BASH, str(LAUNCH / script), *args], env=env, cwd=cwd or REPO,
+                        capture_output=True, text=True, timeout=60)
+
+
+def dry(script, *args, decoys, **kwargs):
+  """Runs a dry run, checks it ran nothing and printed parseable shell; returns the commands."""
+  path, log = decoys
+  result = launch(script, "--dry-run", *args, path=path, **kwargs)
+  assert result.returncode == 0, result.stderr
+  assert not log.exists(), f"a dry run ran programs:\n{log.read_text()}"
+  lines = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+  assert lines, result.stdout
+  for line in lines:
+    _assert_valid_shell(line)
+    for word in shlex.split(line):
+      if word.startswith("--command="):
+        _assert_valid_shell(word[len("--command="):])
+  return lines
+
+
+def _assert_valid_shell(text):
+  check = subprocess.run([BASH, "-n"], input=text, capture_output=True, text=True, timeout=30)
+  assert check.returncode == 0, f"not valid shell: {text}\n{check.stderr}"
+
+
+def _first(lines, needle):
+  return next(i for i, line in enumerate(lines) if needle in line)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.glob("*.sh")))
+def test_bash_syntax(script):
+  result = subprocess.run([BASH, "-n", str(LAUNCH / script)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+
+def test_shellcheck_is_clean():
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+  scripts = sorted(str(p.relative_to(REPO)) for p in LAUNCH.glob("*.sh"))
+  result = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_strict_and_executable(script):
+  text = (LAUNCH / script).read_text()
+  assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+  assert os.access(LAUNCH / script, os.X_OK)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_usage_and_exits_0(script, decoy_path):
+  for flag in ("-h", "--help"):
+    result = launch(script, flag, path=decoy_path[0])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: launch/" + script) and "--dry-run" in result.stdout
+  assert not decoy_path[1].exists()
+
+
+@pytest.mark.parametrize("script,args", [
+    ("gpu_host.sh", ["--bogus"]),
+    ("tpu_vm.sh", ["--zone", "z", "--bogus", "run"]),
+    ("tpu_vm.sh", ["run"]),                                   # no zone
+    ("tpu_vm.sh", ["--zone", "z"]),                           # no command
+    ("tpu_vm.sh", ["--zone", "z", "--bucket", "my-bucket", "run"]),  # not gs://
+    ("tpu_pod.sh", ["--zone", "z", "all"]),                   # a pod needs a shared bucket
+])
+def test_bad_arguments_exit_2_with_a_message(script, args, decoy_path):
+  result = launch(script, "--dry-run", *args, path=decoy_path[0])
+  assert result.returncode == 2
+  assert "error:" in result.stderr
+  assert not decoy_path[1].exists()
+
+
+def test_gpu_host_dry_run(decoy_path):
+  lines = dry("gpu_host.sh", "--config", "configs/cifar10_resnet18.py", "--workdir", "/runs/c10",
+              "--", "--config.seeds=3", decoys=decoy_path)
+  text = "\n".join(lines)
+  assert f"cd {REPO}" in lines[0]
+  assert "python3 -m venv" in text
+  assert "pip install -e '.[cuda]'" in text
+  train = lines[-1]
+  assert train.endswith("-m fmcejax.train --config configs/cifar10_resnet18.py --workdir "
+                        "/runs/c10 --config.seeds=3")
+  assert _first(lines, "pip install -e") < _first(lines, "jax.devices()") < len(lines) - 1
+  # DRY_RUN=1 is the same as --dry-run; --skip-install drops the virtualenv and pip.
+  path, log = decoy_path
+  same = launch("gpu_host.sh", "--config", "configs/cifar10_resnet18.py", "--workdir",
+                "/runs/c10", "--", "--config.seeds=3", path=path, dry_env=True)
+  assert same.returncode == 0 and [l[2:] for l in same.stdout.splitlines()] == lines
+  skip = dry("gpu_host.sh", "--skip-install", decoys=decoy_path)
+  assert not any("pip install" in line or "-m venv" in line for line in skip)
+  assert skip[-1].endswith("-m fmcejax.train --config configs/mnist_cnn.py --workdir ./workdir")
+
+
+def test_tpu_vm_dry_run_all(decoy_path):
+  lines = dry("tpu_vm.sh", "--zone", "us-west4-a", "--project", "proj", "--spot", "--name", "t1",
+              "--data", "gs://b/data", "all", "--", "--config.epochs=3", decoys=decoy_path)
+  text = "\n".join(lines)
+  create = lines[_first(lines, "tpu-vm create")]
+  for part in ("gcloud compute tpus tpu-vm create t1", "--zone=us-west4-a", "--project=proj",
+               "--accelerator-type=v5litepod-8", "--version=", "--spot"):
+    assert part in create
+  assert 'pip install --quiet -e ".[tpu]"' in text and "uv venv" in text
+  assert "gcloud storage rsync -r gs://b/data" in text
+  run = lines[_first(lines, "-m fmcejax.train")]
+  assert "--worker=all" in run
+  assert ("fmcejax.train --config configs/mnist_cnn.py --workdir ../fmcejax-work/t1 "
+          "--config.tfds_data_dir=../fmcejax-tfds --config.data_dir=../fmcejax-data "
+          "--config.epochs=3") in run
+  assert "FMCEJAX_COORDINATOR" not in text and "gcsfuse" not in text  # one host, no bucket
+  fetch = lines[_first(lines, "--recurse t1:fmcejax-work/t1")]
+  assert "tpu-vm scp" in fetch and "--worker=0" in fetch
+  assert lines[-1] == "gcloud compute tpus tpu-vm delete t1 --zone=us-west4-a --project=proj --quiet"
+  order = [_first(lines, s) for s in ("tpu-vm create", "tpu-vm scp /", "pip install",
+                                      "fmcejax.train", "--recurse t1:", "tpu-vm delete")]
+  assert order == sorted(order)
+
+
+def test_tpu_pod_dry_run_all_on_a_bucket(decoy_path):
+  lines = dry("tpu_pod.sh", "--zone", "us-central2-b", "--preemptible", "--accelerator-type",
+              "v4-32", "--version", "tpu-ubuntu2204-base", "--bucket", "gs://bkt/exp/",
+              "--run-name", "r1", "--config", "configs/cifar10_resnet18.py", "all", "--",
+              "--config.seeds=3", "--config.stages=probe,cqi", decoys=decoy_path)
+  text = "\n".join(lines)
+  create = lines[_first(lines, "tpu-vm create")]
+  assert "--accelerator-type=v4-32" in create and "--version=tpu-ubuntu2204-base" in create
+  assert "--preemptible" in create
+  assert all("--worker=all" in line for line in lines if "tpu-vm ssh" in line)
+  assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 --only-dir=exp bkt /mnt/fmcejax" in text
+  run = lines[_first(lines, "-m fmcejax.train")]
+  assert "; FMCEJAX_DISTRIBUTED=auto ../fmcejax-venv/bin/python -m fmcejax.train" in run
+  assert "FMCEJAX_COORDINATOR" not in run
+  assert ("--config configs/cifar10_resnet18.py --workdir /mnt/fmcejax/r1 "
+          "--config.tfds_data_dir=../fmcejax-tfds --config.seeds=3 "
+          "--config.stages=probe,cqi") in run
+  assert "mountpoint -q /mnt/fmcejax" in run  # re-mounted on a re-run after a reboot
+  assert "gcloud storage rsync -r gs://bkt/exp/r1 ./results/r1" in text
+  assert "tpu-vm delete" in lines[-1]
+
+
+def test_tpu_detach_starts_in_the_background_and_keeps_the_tpu(decoy_path):
+  lines = dry("tpu_pod.sh", "--zone", "z", "--bucket", "gs://b", "--detach", "all",
+              decoys=decoy_path)
+  run = lines[_first(lines, "-m fmcejax.train")]
+  assert "; FMCEJAX_DISTRIBUTED=auto nohup setsid ../fmcejax-venv/bin/python" in run
+  assert "> $HOME/fmcejax-run.log" in run
+  assert not any("tpu-vm delete" in line or "storage rsync" in line for line in lines)
+  for command, needle in (("logs", "tail -n 20 $HOME/fmcejax-run.log"),
+                          ("status", "tpu-vm describe fmcejax-pod"),
+                          ("delete", "tpu-vm delete fmcejax-pod --zone=z --quiet"),
+                          ("fetch", "gcloud storage rsync -r gs://b/fmcejax-pod")):
+    assert any(needle in line for line in dry("tpu_pod.sh", "--zone", "z", "--bucket", "gs://b",
+                                              command, decoys=decoy_path)), command
+
+
+def test_tpu_setup_from_a_git_url_or_a_local_data_folder(decoy_path, tmp_path):
+  data = tmp_path / "data"
+  (data / "mnist").mkdir(parents=True)
+  lines = dry("tpu_vm.sh", "--zone", "z", "--repo-url", "https://example.com/me/fmcejax.git",
+              "--data", str(data), "setup", decoys=decoy_path)
+  text = "\n".join(lines)
+  assert "git clone https://example.com/me/fmcejax.git $HOME/fmcejax" in text
+  assert "git ls-files" not in text  # no upload of this checkout
+  assert f"tpu-vm scp --recurse {data} fmcejax-vm:fmcejax-data" in text
+
+
+def test_dry_run_quotes_odd_arguments_so_they_survive(decoy_path):
+  lines = dry("tpu_vm.sh", "--zone", "z", "run", "--", "--config.note=it's a test",
+              decoys=decoy_path)
+  command = next(w for w in shlex.split(lines[-1]) if w.startswith("--command="))
+  assert "--config.note=it's a test" in shlex.split(command[len("--command="):])
