@@ -95,6 +95,33 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def small_cnn_recipe(dataset: str) -> ml_collections.ConfigDict:
+  """The CPU-sized recipe of configs/mnist_cnn.py and fashion_mnist_cnn.py.
+
+  Probe: up to 60 short epochs of 2,000 images, stopped once CQI says converged, so the K=5
+  markers span a real loss curve cheaply. Baseline and FMCE-Net++: 3 full epochs, SGD + nesterov,
+  lr 0.1, cosine, batch 128.
+  """
+  c = base_config()
+  c.dataset, c.backbone = dataset, "cnn"
+  c.epochs, c.batch_size, c.learning_rate, c.weight_decay = 3, 128, 0.1, 5e-4
+  c.probe.epochs, c.probe.train_examples_limit = 60, 2000
+  c.fmce_net.epochs = 5
+  return c
+
+
+def cifar_recipe(dataset: str, backbone: str) -> ml_collections.ConfigDict:
+  """The accelerator recipe of the CIFAR configs: SGD 0.1 nesterov at batch 128, wd 5e-4,
+  1 warm-up epoch then cosine, crop+flip, bfloat16 compute, 100 epochs; probe on 10,000 images."""
+  c = base_config()
+  c.dataset, c.backbone, c.dtype = dataset, backbone, "bfloat16"
+  c.epochs, c.batch_size, c.learning_rate, c.weight_decay = 100, 128, 0.1, 5e-4
+  c.warmup_epochs = 1.0
+  c.probe.epochs, c.probe.train_examples_limit = 100, 10000
+  c.fmce_net.epochs = 10
+  return c
+
+
 class ConfigError(ValueError):
   """A config field holds a value we cannot run with."""
 

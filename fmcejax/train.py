@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import PIL.Image
 import orbax.checkpoint as ocp
 from absl import flags
 from ml_collections import config_flags
@@ -248,7 +250,22 @@ class Pipeline:
       result = report.write_report(self.workdir, {
           "dataset": c.dataset, "backbone": c.backbone, "module": self.module, "alpha": c.alpha,
           "seeds": self.seeds, "note": self.info.note})
+      self.log_report(result)
     self.write_metrics({k: result.get(k) for k in ("gain_pp_mean", "gain_pp_std")}, "report")
+
+  def log_report(self, result: dict[str, Any]) -> None:
+    """The CQI curve as scalars and the report plots as images, for TensorBoard users."""
+    from tensorboardX import SummaryWriter
+    cqi_json = json.loads((self.workdir / "probe" / "cqi.json").read_text())
+    writer = SummaryWriter(str(self.workdir / "tb_report"))
+    for epoch, (loss, value) in enumerate(zip(cqi_json["losses"], cqi_json["cqi"]), start=1):
+      writer.add_scalar("probe/train_loss", loss, epoch)
+      if value is not None:
+        writer.add_scalar("probe/cqi", value, epoch)
+    for name in result["plots"]:
+      image = np.asarray(PIL.Image.open(self.workdir / name).convert("RGB"))
+      writer.add_image(f"report/{Path(name).stem}", image, dataformats="HWC")
+    writer.close()
 
   def run(self, stages: list[str]) -> None:
     for stage in stages:
@@ -345,9 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = lock_workdir(workdir)  # noqa: F841 - held until exit
     check_workdir(config, workdir)
     pipeline = Pipeline(config, workdir)
-  except config_lib.ConfigError as e:
-    return _fail(str(e))
-  except input_pipeline.DataError as e:
+  except (config_lib.ConfigError, input_pipeline.DataError) as e:
     return _fail(str(e))
   signal.signal(signal.SIGTERM, trainer.request_preemption)
   try:

@@ -118,5 +118,6 @@ def test_whole_pipeline_on_real_mnist_writes_a_consistent_report(tmp_path, mnist
   for png in ("plot_cqi.png", "plot_accuracy.png", "plot_fmcs.png"):
     assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| 0 |" in (workdir / "report.md").read_text()  # the per-seed table
+  assert list((workdir / "tb_report").glob("events.out.tfevents.*"))  # CQI + plots for TensorBoard
   history = json.loads((workdir / "fmcenetpp" / "seed_0" / "metrics.json").read_text())["history"]
   assert history[0]["fmcs"] is not None and history[0]["alpha"] == pytest.approx(0.1)
