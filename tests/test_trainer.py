@@ -13,7 +13,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fmcejax import input_pipeline, models, parallel, steps, trainer
