@@ -151,19 +151,6 @@ def analyse(
     )
 
 
-def fmcs_scores(k: int) -> np.ndarray:
-    """FMCS score s_k = (k-1)/(K-1) of each phase k = 1..K: phase index p scores p/(K-1) in [0, 1]."""
-    if k < 2:
-        raise ValueError(f"FMCS scores need K >= 2 phases, got {k}")
-    return np.arange(k, dtype=np.float64) / (k - 1)
-
-
-def predicted_fmcs(probs: np.ndarray) -> np.ndarray:
-    """Expected FMCS sum_k p_k s_k of phase probabilities ``probs[..., K]``."""
-    probs = np.asarray(probs, dtype=np.float64)
-    return probs @ fmcs_scores(probs.shape[-1])
-
-
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 

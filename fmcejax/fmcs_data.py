@@ -85,7 +85,6 @@ class Source:
     meta = json.loads((Path(directory) / "index.json").read_text())
     dtype, _ = _STORAGE[meta["storage_dtype"]]
     self.num_phases = meta["num_phases"]
-    self.scores = np.linspace(0.0, 1.0, self.num_phases)
     self._phases = [np.load(Path(directory) / f"phase_{k}.npy", mmap_mode="r").view(dtype)
                     for k in range(self.num_phases)]
     self._images = np.asarray(meta[f"{split}_images"], np.int64)

@@ -41,6 +41,8 @@ class Loss:
 
 def fmcs_scores(num_phases: int) -> jax.Array:
   """FMCS of phase k (0-based) is k / (K - 1): 0 for the first marker, 1 for the converged one."""
+  if num_phases < 2:
+    raise ValueError(f"FMCS scores need K >= 2 phases, got {num_phases}")
   return jnp.linspace(0.0, 1.0, num_phases)
 
 

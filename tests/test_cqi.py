@@ -137,14 +137,6 @@ def test_invalid_inputs():
         cqi_lib.analyse([0.0, 1.0])
 
 
-def test_fmcs_scores_and_prediction():
-    chex.assert_trees_all_close(cqi_lib.fmcs_scores(5), np.array([0.0, 0.25, 0.5, 0.75, 1.0]))
-    probs = np.array([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0], [0.2, 0.2, 0.2, 0.2, 0.2], [0, 0.5, 0, 0.5, 0]])
-    chex.assert_trees_all_close(cqi_lib.predicted_fmcs(probs), np.array([0.0, 1.0, 0.5, 0.5]))
-    with pytest.raises(ValueError):
-        cqi_lib.fmcs_scores(1)
-
-
 def test_to_json_round_trip():
     losses = [3.0, 2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.01, 1.005, 1.0]
     conv = cqi_lib.analyse(losses, window=3, mu_rel=0.2, k=2)

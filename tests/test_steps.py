@@ -151,6 +151,17 @@ def test_ral_value_matches_a_hand_computation(mode, target):
   np.testing.assert_allclose(float(parts["conv"]), conv, rtol=1e-5)
 
 
+def test_fmcs_scores_and_prediction():
+  chex.assert_trees_all_close(steps.fmcs_scores(5), np.array([0.0, 0.25, 0.5, 0.75, 1.0]))
+  probs = np.array([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0], [0.2] * 5, [0, 0.5, 0, 0.5, 0]])
+  with np.errstate(divide="ignore"):
+    logits = jnp.asarray(np.log(probs), jnp.float32)  # softmax(log p) = p
+  chex.assert_trees_all_close(steps.predicted_fmcs(logits), np.array([0.0, 1.0, 0.5, 0.5]),
+                              atol=1e-6)
+  with pytest.raises(ValueError):
+    steps.fmcs_scores(1)
+
+
 def test_nonfinite_batch_is_skipped_and_flagged():
   batch = _batch()
   state = _state()
