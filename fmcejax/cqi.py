@@ -1,7 +1,7 @@
 """CQI (Convergence Quantification Indicator) and the K phase markers: METHOD.md steps 2-3.
 
 These run once per pipeline on a host-side loss sequence of a few hundred floats, so they are plain
-numpy; the jitted train step computes its own predicted FMCS with ``jnp``.
+numpy. FMCS scores and predictions live in ``steps`` (they run inside the jitted step).
 
 Epochs are 1-based throughout, as in METHOD.md: ``losses[0]`` is L_1, ``cqi_values[0]`` is CQI_1.
 
