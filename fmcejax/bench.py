@@ -240,8 +240,8 @@ def input_pipeline_images_per_second(image_shape: tuple[int, ...], batch_size: i
                                      num_batches: int, seed: int = 0) -> float:
   """Host images/s of `input_pipeline.epoch_batches` + `make_iterator` with crop+flip.
 
-  Uses `input_pipeline._random_crop_flip`, the function `train_dataset` uses (private, imported
-  rather than copied so the figure follows the real augmentation), over an in-memory
+  Uses `input_pipeline.random_crop_flip`, the function `train_dataset` uses (so the figure
+  follows the real augmentation), over an in-memory
   `grain.MapDataset.source` of random uint8 images. The first 10 batches (which let the
   prefetch buffer fill) are not timed.
   """
@@ -253,7 +253,7 @@ def input_pipeline_images_per_second(image_shape: tuple[int, ...], batch_size: i
   ds = input_pipeline.epoch_batches(
       grain.MapDataset.source(examples), global_batch=batch_size,
       epochs=math.ceil((num_batches + skip) / pool), seed=seed,
-      augment=input_pipeline._random_crop_flip)  # noqa: SLF001
+      augment=input_pipeline.random_crop_flip)
   iterator = input_pipeline.make_iterator(ds)
   for _ in range(skip):
     next(iterator)
@@ -365,7 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "over_jax_baseline": _ratio(pipeline, get("jax", "baseline",
                                                                    "images_per_second")),
                          "over_jax_ral": _ratio(pipeline, get("jax", "ral", "images_per_second")),
-                         "augment": "input_pipeline._random_crop_flip", "threads": 1},
+                         "augment": "input_pipeline.random_crop_flip", "threads": 1},
   }
 
 

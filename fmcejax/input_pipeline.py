@@ -426,7 +426,7 @@ def _examples(info: DatasetInfo, split: str, limit: int, tfds_data_dir: str) -> 
       _decoded(info, split, num_examples(info, split, limit), tfds_data_dir))
 
 
-def _random_crop_flip(element: dict, rng: np.random.Generator) -> dict:
+def random_crop_flip(element: dict, rng: np.random.Generator) -> dict:
   """Random crop of the zero-padded image (pad 4) and a random horizontal flip.
 
   Pastes the shifted image into zeros instead of padding and cropping: same result, 2x faster.
@@ -448,7 +448,7 @@ def train_dataset(info: DatasetInfo, *, split: str = "train", global_batch: int,
   augment = info.augment if augment is None else augment
   return epoch_batches(_examples(info, split, limit, tfds_data_dir), global_batch=global_batch,
                        epochs=epochs, seed=seed,
-                       augment=_random_crop_flip if augment else None,
+                       augment=random_crop_flip if augment else None,
                        process_index=process_index, process_count=process_count)
 
 
