@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -138,14 +139,18 @@ def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, n
   batch = parallel.global_batch(host_batch, mesh)
   rng = jax.random.PRNGKey(2)
   device = mesh.devices.flat[0]
+  options = [("jax", parallel.compiler_options(mesh))]
+  if args.xla_defaults:
+    options.append(("jax_xla_defaults", None))
   contenders = []
-  for variant in VARIANTS:
+  for (framework, xla), variant in itertools.product(options, VARIANTS):
     head = steps.Head(model=head_model, module=module) if variant == "ral" else None
     loss = steps.Loss(alpha=optax.constant_schedule(ALPHA)) if head is not None else steps.Loss()
     head_vars = parallel.replicate(head_variables, mesh) if head is not None else None
     train_fn = jax.jit(
         functools.partial(steps.train_step, preprocess=preprocess, head=head, loss=loss),
-        in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
+        in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
+        compiler_options=xla)
     holder = {"state": init_fn(jax.random.PRNGKey(0))}
     start = time.perf_counter()
     compiled = train_fn.lower(holder["state"], batch, rng, head_vars).compile()
@@ -162,7 +167,7 @@ def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, n
       step()
     memory = compiled.memory_analysis()
     flops = _flops(compiled)
-    contenders.append(_Contender("jax", variant, step, {
+    contenders.append(_Contender(framework, variant, step, {
         "compile_s": compile_s, "first_step_s": first_s,
         "peak_bytes": _peak_bytes(device),
         "xla_temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
@@ -325,7 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       figures.update(step_s=step_s, images_per_second=args.batch_size / step_s,
                      timed_steps=len(c.times), step_s_min=min(c.times), step_s_max=max(c.times))
       flops = jax_flops.get(c.variant)
-      devices = mesh.size if c.framework == "jax" else 1  # torch runs on one device
+      devices = mesh.size if c.framework.startswith("jax") else 1  # torch: one device
       figures["mfu"] = (flops * figures["images_per_second"] / (peak * devices)
                         if flops and peak else None)
     results.setdefault(c.framework, {})[c.variant] = figures
@@ -349,6 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "image_shape": list(image_shape), "num_classes": args.num_classes,
                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                  "torch": args.torch, "torch_threads": args.torch_threads, "alpha": ALPHA,
+                 "xla_compiler_options": parallel.compiler_options(mesh),
                  "head_module": host["module"],
                  "head": {"num_phases": NUM_PHASES, "width": HEAD_WIDTH, "depth": HEAD_DEPTH},
                  "optimizer": {"name": "sgd", "learning_rate": LEARNING_RATE,
@@ -383,25 +389,32 @@ def format_table(result: dict[str, Any]) -> str:
   lines = [f"{cfg['backbone']} {'x'.join(map(str, cfg['image_shape']))} batch {cfg['batch_size']} "
            f"{cfg['dtype']} on {env['device_count']} x {env['device_kind']} "
            f"(load {env['load_average_start'][0]:.1f} -> {env['load_average_end'][0]:.1f})",
-           f"{'framework':<14}{'step':<9}{'first s':>9}{'step ms':>10}{'img/s':>10}"
+           f"{'framework':<18}{'step':<9}{'first s':>9}{'step ms':>10}{'img/s':>10}"
            f"{'x eager':>9}{'x compile':>10}{'peak MiB':>10}{'MFU':>7}"]
   ratios = result["ratios"]
   for fw, variants in result["results"].items():
     for variant, f in variants.items():
       if "error" in f:
-        lines.append(f"{fw:<14}{variant:<9}  failed: {f['error'][:90]}")
+        lines.append(f"{fw:<18}{variant:<9}  failed: {f['error'][:90]}")
         continue
       vs = {m: (ratios.get(f"jax_over_torch_{m}_{variant}", {}).get("images_per_second")
                 if fw == "jax" else None) for m in ("eager", "compile")}
       lines.append(
-          f"{fw:<14}{variant:<9}{_fmt(f.get('first_step_s'), '9.2f')}"
+          f"{fw:<18}{variant:<9}{_fmt(f.get('first_step_s'), '9.2f')}"
           f"{_fmt(f.get('step_s'), '10.1f', 1e3)}{_fmt(f.get('images_per_second'), '10.0f')}"
           f"{_fmt(vs['eager'], '9.2f')}{_fmt(vs['compile'], '10.2f')}"
           f"{_fmt(f.get('peak_bytes'), '10.0f', 2 ** -20)}{_fmt(f.get('mfu'), '7.1%')}")
   overhead = ", ".join(f"{fw} {_fmt(r, '.2f')}"
                        for fw, r in ratios["ral_over_baseline_step_time"].items())
   pipe = result["input_pipeline"]
-  lines += [f"RAL / baseline step time: {overhead}",
+  lines.append(f"RAL / baseline step time: {overhead}")
+  if "jax_xla_defaults" in result["results"]:
+    gain = ", ".join(
+        f"{v} {_fmt(ratios[f'jax_over_jax_xla_defaults_{v}']['images_per_second'], '.2f')}"
+        for v in VARIANTS)
+    lines.append(f"JAX with compiler_options {cfg['xla_compiler_options']} / XLA defaults, img/s: "
+                 f"{gain}")
+  lines += [
             f"input pipeline (grain, crop+flip, 1 thread): {pipe['images_per_second']:.0f} img/s "
             f"= {_fmt(pipe['over_jax_baseline'], '.2f')} x the JAX baseline step",
             "x eager / x compile: JAX img/s over torch img/s (> 1: JAX faster); peak MiB: "
@@ -426,6 +439,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--torch", default="both", choices=tuple(TORCH_MODES))
   parser.add_argument("--torch_threads", type=int, default=0,
                       help="torch intra-op CPU threads (0: torch's default, one per core)")
+  parser.add_argument("--xla_defaults", action="store_true",
+                      help="also time the JAX steps compiled with XLA's default options instead of "
+                           "parallel.compiler_options (framework jax_xla_defaults)")
   parser.add_argument("--pipeline_batches", type=int, default=100,
                       help="timed batches of the input-pipeline measurement")
   parser.add_argument("--peak_tflops", type=float, default=0.0,

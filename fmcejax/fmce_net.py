@@ -87,7 +87,7 @@ def evaluate(model: models.FMCENet, variables: Any, holdout, mesh: Mesh,
   repl = parallel.replicated(mesh)
 
   @functools.partial(jax.jit, in_shardings=(repl, parallel.batch_sharding(mesh)),
-                     out_shardings=repl)
+                     out_shardings=repl, compiler_options=parallel.compiler_options(mesh))
   def sums(v, batch):
     logits = model.apply(v, batch["image"].astype(jnp.float32), train=False)
     mask = batch["mask"]

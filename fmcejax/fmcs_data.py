@@ -35,7 +35,8 @@ def extract(apply_fn: Callable[..., Any], variables: Any, images: np.ndarray, *,
   """
   fn = jax.jit(lambda v, x: apply_fn(v, preprocess(x), train=False)[1][module],
                in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-               out_shardings=parallel.replicated(mesh))
+               out_shardings=parallel.replicated(mesh),
+               compiler_options=parallel.compiler_options(mesh))
   variables = parallel.replicate(variables, mesh)
   n, p, count = len(images), jax.process_index(), jax.process_count()
   local = batch_size // count

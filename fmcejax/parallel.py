@@ -7,6 +7,7 @@ devices compute what one device would on the same global batch.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+# jaxlib 0.10's XLA:CPU hands convolutions, dots and reductions to YNNPACK fusions, which run
+# each op on one core (measured on the 2-core dev VM); without them XLA's Eigen and loop kernels
+# use every core: the CNN and ResNet-18 train steps ran 1.4x faster (docs/BENCHMARKS.md).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def initialize_distributed() -> None:
@@ -55,6 +60,23 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   if devices is None:
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def compiler_options(mesh: Mesh) -> dict[str, str] | None:
+  """`compiler_options` for every `jax.jit` over `mesh`: `CPU_COMPILER_OPTIONS` on CPU when this
+  XLA knows them, else None (XLA's defaults)."""
+  return _compiler_options(mesh.devices.flat[0].platform)
+
+
+@functools.cache
+def _compiler_options(platform: str) -> dict[str, str] | None:
+  if platform != "cpu":
+    return None
+  try:  # a later XLA may drop an experimental option; its defaults are then the best we know
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+  except jax.errors.JaxRuntimeError:
+    return None
+  return CPU_COMPILER_OPTIONS
 
 
 def sync(name: str) -> None:

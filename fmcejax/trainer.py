@@ -196,14 +196,17 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
   data = parallel.batch_sharding(mesh)
   head = job.head
   train_head = head if job.train_with_head else None
+  xla = parallel.compiler_options(mesh)
   train_fn = jax.jit(
       functools.partial(steps.train_step, preprocess=job.preprocess, head=train_head,
                         loss=job.loss),
-      in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
+      in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
+      compiler_options=xla)
   eval_fn = jax.jit(functools.partial(steps.eval_step, preprocess=job.preprocess, head=head),
-                    in_shardings=(repl, data, repl), out_shardings=repl)
+                    in_shardings=(repl, data, repl), out_shardings=repl, compiler_options=xla)
   init_fn = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx,
-                                      job.input_shape), out_shardings=repl)
+                                      job.input_shape), out_shardings=repl,
+                    compiler_options=xla)
   head_variables = (parallel.replicate(job.head_variables, mesh)
                     if job.head_variables is not None else None)
 

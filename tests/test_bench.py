@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmcejax import bench, models
+from fmcejax import bench, models, parallel
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 TORCH = "eager" if HAS_TORCH else "none"
@@ -48,6 +48,19 @@ def test_bench_writes_the_json_it_prints(tmp_path, capsys):
   assert _positive(result["input_pipeline"]["over_jax_baseline"])
   table = capsys.readouterr().out
   assert "RAL / baseline step time" in table and "torch_compile" not in table
+
+
+def test_xla_defaults_times_the_same_steps_without_our_compiler_options(capsys):
+  result = bench.main(["--backbone", "cnn", "--batch_size", "8", "--steps", "2", "--warmup", "0",
+                       "--rounds", "1", "--torch", "none", "--xla_defaults",
+                       "--pipeline_batches", "2"])
+  assert list(result["results"]) == ["jax", "jax_xla_defaults"]
+  assert result["config"]["xla_compiler_options"] == parallel.compiler_options(
+      parallel.make_mesh())
+  for variant in bench.VARIANTS:
+    ratio = result["ratios"][f"jax_over_jax_xla_defaults_{variant}"]["images_per_second"]
+    assert _positive(ratio)
+  assert "/ XLA defaults, img/s: baseline" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import linen as nn
 
 from fmcejax import models
 
@@ -256,3 +257,44 @@ def test_param_count_counts_arrays_and_shape_structs():
 def test_create_backbone_rejects_unknown_name():
   with pytest.raises(ValueError, match="resnet18"):
     models.create_backbone("vgg16", NUM_CLASSES)
+
+
+class MaterializeTest(chex.TestCase):
+  """`materialize` and `Conv(materialize_input=True)` change the XLA program, never the numbers."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_materialize_is_the_identity_in_value_and_gradient(self):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
+    loss = lambda x: jnp.sum(jnp.sin(x) * jnp.arange(7.0))  # noqa: E731
+    got = self.variant(jax.value_and_grad(lambda x: loss(models.materialize(x))))(x)
+    chex.assert_trees_all_equal(got, self.variant(jax.value_and_grad(loss))(x))
+    chex.assert_trees_all_close(got[1], jnp.cos(x) * jnp.arange(7.0), rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_conv_with_materialized_input_equals_nn_conv(self):
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 6))
+    plain = models.Conv(4, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
+    stored = plain.clone(materialize_input=True)
+    variables = plain.init(jax.random.key(2), x)
+    chex.assert_trees_all_equal_structs(variables, stored.init(jax.random.key(2), x))
+
+    def outputs_and_grads(module):
+      loss = lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)))  # noqa: E731
+      return self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+
+    chex.assert_trees_all_equal(outputs_and_grads(plain), outputs_and_grads(stored))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_matches_flax_batchnorm(train):
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 6, 6, 5))
+  ours = models.BatchNorm(use_running_average=not train, momentum=0.9)
+  flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9)
+  variables = flax_bn.init(jax.random.key(1), x)
+  variables = {"params": variables["params"],
+               "batch_stats": {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}}
+  chex.assert_trees_all_equal_structs(variables, ours.init(jax.random.key(1), x))
+  got, got_stats = ours.apply(variables, x, mutable=["batch_stats"])
+  want, want_stats = flax_bn.apply(variables, x, mutable=["batch_stats"])
+  chex.assert_shape(got, x.shape)
+  chex.assert_trees_all_close((got, got_stats), (want, want_stats), rtol=1e-5, atol=1e-5)
