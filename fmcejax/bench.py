@@ -414,11 +414,10 @@ def format_table(result: dict[str, Any]) -> str:
         for v in VARIANTS)
     lines.append(f"JAX with compiler_options {cfg['xla_compiler_options']} / XLA defaults, img/s: "
                  f"{gain}")
-  lines += [
-            f"input pipeline (grain, crop+flip, 1 thread): {pipe['images_per_second']:.0f} img/s "
-            f"= {_fmt(pipe['over_jax_baseline'], '.2f')} x the JAX baseline step",
-            "x eager / x compile: JAX img/s over torch img/s (> 1: JAX faster); peak MiB: "
-            "device allocator high-water mark (- where the backend reports none, e.g. CPU)"]
+  lines += [(f"input pipeline (grain, crop+flip, 1 thread): {pipe['images_per_second']:.0f} "
+             f"img/s = {_fmt(pipe['over_jax_baseline'], '.2f')} x the JAX baseline step"),
+            ("x eager / x compile: JAX img/s over torch img/s (> 1: JAX faster); peak MiB: "
+             "device allocator high-water mark (- where the backend reports none, e.g. CPU)")]
   return "\n".join(lines)
 
 

@@ -265,7 +265,7 @@ class MaterializeTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_materialize_is_the_identity_in_value_and_gradient(self):
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
-    loss = lambda x: jnp.sum(jnp.sin(x) * jnp.arange(7.0))  # noqa: E731
+    loss = lambda x: jnp.sum(jnp.sin(x) * jnp.arange(7.0))
     got = self.variant(jax.value_and_grad(lambda x: loss(models.materialize(x))))(x)
     chex.assert_trees_all_equal(got, self.variant(jax.value_and_grad(loss))(x))
     chex.assert_trees_all_close(got[1], jnp.cos(x) * jnp.arange(7.0), rtol=1e-6)
@@ -279,7 +279,7 @@ class MaterializeTest(chex.TestCase):
     chex.assert_trees_all_equal_structs(variables, stored.init(jax.random.key(2), x))
 
     def outputs_and_grads(module):
-      loss = lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)))  # noqa: E731
+      loss = lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)))
       return self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
 
     chex.assert_trees_all_equal(outputs_and_grads(plain), outputs_and_grads(stored))
