@@ -298,3 +298,18 @@ def test_batchnorm_matches_flax_batchnorm(train):
   want, want_stats = flax_bn.apply(variables, x, mutable=["batch_stats"])
   chex.assert_shape(got, x.shape)
   chex.assert_trees_all_close((got, got_stats), (want, want_stats), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, strides, groups, stored", [
+    ((3, 3), 1, 1, True),    # kernel gradient reads the input transposed
+    ((1, 1), 2, 1, True),    # strided 1x1: still a convolution for XLA
+    ((1, 1), 1, 1, False),   # a matmul for XLA: no transpose to feed
+    ((3, 3), 1, 4, False),   # depthwise: the identity matmul would cost more than the conv
+])
+def test_conv_stores_its_input_only_where_it_pays(kernel, strides, groups, stored):
+  x = jnp.ones((2, 8, 8, 4))
+  conv = models.Conv(4, kernel, strides, feature_group_count=groups, materialize_input=True)
+  variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+  assert ("dot_general" in str(jax.make_jaxpr(conv.apply)(variables, x))) == stored
+  plain = conv.clone(materialize_input=False)
+  assert "dot_general" not in str(jax.make_jaxpr(plain.apply)(variables, x))
