@@ -77,8 +77,9 @@ class Conv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    strides = self.strides if isinstance(self.strides, Sequence) else (self.strides,)
-    transposes = math.prod(self.kernel_size) > 1 or any(s > 1 for s in (strides or (1,)))
+    strides = self.strides or 1
+    strides = tuple(strides) if isinstance(strides, Sequence) else (strides,)
+    transposes = math.prod(self.kernel_size) > 1 or max(strides) > 1
     if self.materialize_input and self.feature_group_count == 1 and transposes:
       inputs = materialize(inputs)
     return super().__call__(inputs)
@@ -87,7 +88,7 @@ class Conv(nn.Conv):
 class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` over the last axis, normalising an [N, C] view of the map.
 
-  Same variables and values; XLA:CPU reduces the 2-D view ~5x faster than the same sum over axes
+  Same variables, and values equal up to float rounding; XLA:CPU reduces the 2-D view ~5x faster than the same sum over axes
   (0, 1, 2) of an NHWC map (2 vs 12 ms for 32 MiB). The reshape is free on every backend.
   """
 
