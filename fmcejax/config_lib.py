@@ -1,7 +1,8 @@
 """The config schema (`base_config`, every field with its default) and its validation.
 
-Every bad value is caught here, before anything compiles: each check raises `ConfigError` naming the field, the value and what is accepted; the CLI turns it
-into one paragraph on stderr and exit status 2.
+Every bad value is caught here, before anything compiles: each check raises `ConfigError` naming
+the field, the value and what is accepted; the CLI turns it into one paragraph on stderr and exit
+status 2.
 """
 
 from __future__ import annotations

@@ -88,8 +88,9 @@ class Conv(nn.Conv):
 class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` over the last axis, normalising an [N, C] view of the map.
 
-  Same variables, and values equal up to float rounding; XLA:CPU reduces the 2-D view ~5x faster than the same sum over axes
-  (0, 1, 2) of an NHWC map (2 vs 12 ms for 32 MiB). The reshape is free on every backend.
+  Same variables, and values equal up to float rounding; XLA:CPU reduces the 2-D view ~5x faster
+  than the same sum over axes (0, 1, 2) of an NHWC map (2 vs 12 ms for 32 MiB). The reshape is
+  free on every backend.
   """
 
   @nn.compact
@@ -119,7 +120,8 @@ def _max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class SimpleCNN(nn.Module):
-  """Three conv-BN-ReLU blocks (~24k params): ~98.6% on MNIST in 3 epochs, ~5k images/s on 2 CPU cores."""
+  """Three conv-BN-ReLU blocks (~24k params): ~98.6% on MNIST in 3 epochs, ~5k images/s on 2 CPU
+  cores."""
   num_classes: int
   dtype: Dtype = jnp.float32
   widths: tuple[int, int, int] = (16, 32, 64)

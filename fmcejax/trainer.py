@@ -306,8 +306,7 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
         # Saving is collective and each host gets SIGTERM at its own moment: with several
         # processes, all stop together at the next step where every one checks (below).
         preempted = PREEMPTED.is_set() and jax.process_count() == 1
-        if epoch_end or periodic or preempted or step % options.log_every == 0 or (
-            not timing["warm"]):
+        if epoch_end or periodic or preempted or logged or not timing["warm"]:
           sync()
         if epoch_end:
           epoch = step // job.steps_per_epoch
