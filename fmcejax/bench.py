@@ -2,10 +2,10 @@
 
 `python -m fmcejax.bench --backbone resnet18 --batch_size 128` prints a table and writes JSON.
 
-The JAX step is jitted exactly as `trainer.fit` jits it (state replicated and donated, batch
-sharded over `parallel.make_mesh()`), compiled ahead of time so compilation is timed on its own,
-then timed one device-synchronised step at a time (`jax.block_until_ready`) on a fixed device
-batch; the input pipeline is timed separately. The RAL step is `train_with_head`: a frozen
+The JAX step is `trainer.jit_train_step`, as `trainer.fit` runs it (state replicated and
+donated, batch sharded over `parallel.make_mesh()`), compiled ahead of time so compilation is
+timed on its own, then timed one device-synchronised step at a time (`jax.block_until_ready`) on
+a fixed device batch; the input pipeline is timed separately. The RAL step is `train_with_head`: a frozen
 `models.FMCENet` on the backbone's `models.DEFAULT_MODULE` map, alpha 0.1 (convex, phase
 target). The PyTorch reference (`torch_ref`) runs on the same (first) device in the same
 process, eager and under `torch.compile`, from the same initial weights. Timed steps of all
@@ -39,7 +39,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from fmcejax import input_pipeline, models, parallel, steps
+from fmcejax import input_pipeline, models, parallel, steps, trainer
 
 NUM_PHASES = 5                        # config_lib default K
 HEAD_WIDTH, HEAD_DEPTH = 64, 2        # config_lib default FMCE-Net
@@ -117,9 +117,9 @@ def forward_flops_per_image(backbone: str, image_shape: tuple[int, ...],
 def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, np.ndarray],
                     preprocess: Callable[[jax.Array], jax.Array], dtype: Any
                     ) -> tuple[list[_Contender], dict[str, Any]]:
-  """Baseline and RAL steps jitted like `trainer.fit`; also returns the initial host variables
-  (backbone and head) for the torch reference to copy."""
-  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  """Baseline and RAL steps from `trainer.jit_train_step`, as `trainer.fit` runs them; also
+  returns the initial host variables (backbone and head) for the torch reference to copy."""
+  repl = parallel.replicated(mesh)
   image_shape = tuple(args.image_shape)
   model = models.create_backbone(args.backbone, args.num_classes, dtype)
   tx = steps.create_optimizer("sgd", optax.constant_schedule(LEARNING_RATE),
@@ -147,10 +147,8 @@ def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, n
     head = steps.Head(model=head_model, module=module) if variant == "ral" else None
     loss = steps.Loss(alpha=optax.constant_schedule(ALPHA)) if head is not None else steps.Loss()
     head_vars = parallel.replicate(head_variables, mesh) if head is not None else None
-    train_fn = jax.jit(
-        functools.partial(steps.train_step, preprocess=preprocess, head=head, loss=loss),
-        in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
-        compiler_options=xla)
+    train_fn = trainer.jit_train_step(mesh, preprocess=preprocess, head=head, loss=loss,
+                                      compiler_options=xla)
     holder = {"state": init_fn(jax.random.PRNGKey(0))}
     start = time.perf_counter()
     compiled = train_fn.lower(holder["state"], batch, rng, head_vars).compile()

@@ -185,6 +185,17 @@ class _Writer:
       self._tb.close()
 
 
+def jit_train_step(mesh: Mesh, *, preprocess: Callable[[jax.Array], jax.Array],
+                   head: steps.Head | None, loss: steps.Loss,
+                   compiler_options: dict[str, str] | None) -> Callable[..., Any]:
+  """`steps.train_step` as `fit` runs it: state replicated and donated, batch sharded."""
+  repl = parallel.replicated(mesh)
+  return jax.jit(
+      functools.partial(steps.train_step, preprocess=preprocess, head=head, loss=loss),
+      in_shardings=(repl, parallel.batch_sharding(mesh), repl, repl),
+      out_shardings=(repl, repl), donate_argnums=0, compiler_options=compiler_options)
+
+
 def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
         on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
   """Trains `job` to the end (or to an early stop by `on_epoch_end`), resuming if it can.
@@ -197,11 +208,8 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
   head = job.head
   train_head = head if job.train_with_head else None
   xla = parallel.compiler_options(mesh)
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, preprocess=job.preprocess, head=train_head,
-                        loss=job.loss),
-      in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
-      compiler_options=xla)
+  train_fn = jit_train_step(mesh, preprocess=job.preprocess, head=train_head, loss=job.loss,
+                            compiler_options=xla)
   eval_fn = jax.jit(functools.partial(steps.eval_step, preprocess=job.preprocess, head=head),
                     in_shardings=(repl, data, repl), out_shardings=repl, compiler_options=xla)
   init_fn = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx,
