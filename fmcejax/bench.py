@@ -2,16 +2,16 @@
 
 `python -m fmcejax.bench --backbone resnet18 --batch_size 128` prints a table and writes JSON.
 
-The JAX step is `trainer.jit_train_step`, as `trainer.fit` runs it (state replicated and
-donated, batch sharded over `parallel.make_mesh()`), compiled ahead of time so compilation is
-timed on its own, then timed one device-synchronised step at a time (`jax.block_until_ready`) on
-a fixed device batch; the input pipeline is timed separately. The RAL step is
-`train_with_head`: a frozen `models.FMCENet` on the backbone's `models.DEFAULT_MODULE` map, alpha
-0.1 (convex, phase target). The PyTorch reference (`torch_ref`) runs on the same (first) device in the same
-process, eager and under `torch.compile`, from the same initial weights. Timed steps of all
-contenders are interleaved in rounds so that load from other processes on a shared machine hits
-all of them alike; every figure is the median of the timed steps, warm-up excluded. JAX peak
-memory is the process high-water mark (`memory_stats`), read after each variant's warm-up.
+The JAX step is `trainer.jit_train_step`, as `trainer.fit` runs it (state replicated and donated,
+batch sharded over `parallel.make_mesh()`), compiled ahead of time so compilation is timed on its
+own, then timed one device-synchronised step at a time (`jax.block_until_ready`) on a fixed device
+batch; the input pipeline is timed separately. The RAL step is `train_with_head`: a frozen
+`models.FMCENet` on the backbone's `models.DEFAULT_MODULE` map, alpha 0.1 (convex, phase target).
+The PyTorch reference (`torch_ref`) runs on the same (first) device in the same process, eager and
+under `torch.compile`, from the same initial weights. Timed steps of all contenders are interleaved
+in rounds so that load from other processes on a shared machine hits all of them alike; every figure
+is the median of the timed steps, warm-up excluded. JAX peak memory is the process high-water mark
+(`memory_stats`), read after each variant's warm-up.
 """
 
 from __future__ import annotations
