@@ -39,14 +39,15 @@ def _conv_and_norm(dtype: Dtype, train: bool) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free He-initialised conv and BatchNorm, computing in `dtype` with float32 params.
 
   No `axis_name`: data parallelism jits over a sharded global batch, so the batch statistics are
-  already global.
+  already global. On CPU both take the lowerings XLA:CPU runs faster (`cpu_conv`, `BatchNorm`).
   """
+  cpu = jax.default_backend() == "cpu"
   conv = functools.partial(
-      Conv, use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, param_dtype=jnp.float32,
-      materialize_input=jax.default_backend() == "cpu")
+      nn.Conv, use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, param_dtype=jnp.float32,
+      conv_general_dilated=cpu_conv if cpu else None)
   norm = functools.partial(
       BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-      param_dtype=jnp.float32)
+      param_dtype=jnp.float32, tune_for_cpu=cpu)
   return conv, norm
 
 
@@ -67,36 +68,107 @@ def materialize(x: jax.Array) -> jax.Array:
 materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
 
 
-class Conv(nn.Conv):
-  """`nn.Conv` that can `materialize` its input first: on CPU, where that makes ResNet-18's
-  train step 1.18x faster (docs/BENCHMARKS.md); elsewhere XLA fuses well and it would only add
-  a matmul. Only dense convs with a window or a stride do it: XLA turns a stride-1 1x1 conv into
-  a matmul, whose kernel gradient needs no transpose, and for a depthwise conv the identity
-  matmul would cost more than the conv."""
-  materialize_input: bool = False
+def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+             padding: str | Sequence[tuple[int, int]], *, lhs_dilation: Sequence[int],
+             rhs_dilation: Sequence[int], dimension_numbers: jax.lax.ConvDimensionNumbers,
+             feature_group_count: int, precision: Any) -> jax.Array:
+  """`nn.Conv`'s `jax.lax.conv_general_dilated` call (`nn.Conv(conv_general_dilated=...)`),
+  lowered for XLA:CPU with the same values. Elsewhere XLA fuses well and the plain conv is best.
 
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    strides = self.strides or 1
-    strides = tuple(strides) if isinstance(strides, Sequence) else (strides,)
-    transposes = math.prod(self.kernel_size) > 1 or max(strides) > 1
-    if self.materialize_input and self.feature_group_count == 1 and transposes:
-      inputs = materialize(inputs)
-    return super().__call__(inputs)
+  Measured on CPU (docs/BENCHMARKS.md):
+  - A 2-D conv over few input channels (a grey or RGB stem) is a matmul over its windows:
+    Eigen's conv is slow there (the CNN's 1-channel stem: train step 20.3 -> 17.9 ms).
+  - Other dense convs with a window or a stride `materialize` their input (ResNet-18 1.18x).
+    Not a stride-1 1x1 conv: XLA makes it a matmul, whose kernel gradient needs no transpose;
+    nor a depthwise conv, for which the identity matmul would cost more than the conv.
+  """
+  conv = functools.partial(
+      jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision)
+  if feature_group_count != 1 or max(*lhs_dilation, *rhs_dilation) > 1:
+    return conv(lhs, rhs)
+  if (dimension_numbers == _NHWC and math.prod(rhs.shape[:-1]) <= _MAX_PATCH
+      and not isinstance(padding, str)):
+    patches = _patches(lhs, rhs.shape[:2], window_strides, padding)
+    # As 2-D: XLA:CPU runs the 4-D dot_general slower (CNN train step 19.7 vs 17.8 ms).
+    out = jnp.matmul(patches.reshape(-1, patches.shape[-1]), rhs.reshape(-1, rhs.shape[-1]),
+                     precision=precision)
+    return out.reshape(*patches.shape[:-1], rhs.shape[-1])
+  if math.prod(rhs.shape[:-2]) > 1 or max(window_strides) > 1:
+    lhs = materialize(lhs)
+  return conv(lhs, rhs)
+
+
+_MAX_PATCH = 27  # kernel taps x input channels up to which `cpu_conv` multiplies patches (3x3 RGB)
+_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                     out_spec=(0, 3, 1, 2))
+
+
+def _patches(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """[N, H, W, C] -> [N, H', W', kh * kw * C]: each output pixel's window, in HWIO kernel order."""
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  out = [(size - k) // s + 1 for size, k, s in zip(x.shape[1:3], window, strides)]
+  return jnp.concatenate([
+      x[:, i:i + (out[0] - 1) * strides[0] + 1:strides[0],
+        j:j + (out[1] - 1) * strides[1] + 1:strides[1]]
+      for i in range(window[0]) for j in range(window[1])], axis=-1)
+
+
+def _sum_rows(x: jax.Array) -> jax.Array:
+  """Column sums of an [N, C] array as a matmul with ones, XLA:CPU's fastest reduction here."""
+  return jnp.matmul(jnp.ones(x.shape[:1], x.dtype), x, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_rows(v: jax.Array, rows: int) -> jax.Array:
+  """[C] -> [rows, C], whose gradient sums by `_sum_rows` instead of a reduce."""
+  return jnp.broadcast_to(v, (rows, *v.shape))
+
+
+_broadcast_rows.defvjp(lambda v, rows: (_broadcast_rows(v, rows), None),
+                       lambda rows, _, g: (_sum_rows(g),))
 
 
 class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` over the last axis, normalising an [N, C] view of the map.
 
-  Same variables, and values equal up to float rounding; XLA:CPU reduces the 2-D view ~5x faster
-  than the same sum over axes (0, 1, 2) of an NHWC map (2 vs 12 ms for 32 MiB). The reshape is
-  free on every backend.
+  Same variables, and values equal up to float rounding. The view is free on every backend;
+  XLA:CPU reduces it ~5x faster than the same sum over axes (0, 1, 2) of an NHWC map (2 vs 12 ms
+  for 32 MiB). With `tune_for_cpu` every sum over the rows, forward and backward, is a matmul
+  with ones: otherwise XLA:CPU folds the view back into a 4-D reduce-window where the map comes
+  straight from a conv (the CNN's train step 20.2 -> 18.5 ms, ResNet-50's 4% faster). That path
+  covers the options the models use (last axis, scale and bias, no `axis_name`) and computes
+  the variance as Flax does by default (`use_fast_variance`).
   """
+  tune_for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-    y = super().__call__(x.reshape(-1, x.shape[-1]), use_running_average)
-    return y.reshape(x.shape)
+    rows = x.reshape(-1, x.shape[-1])
+    if not self.tune_for_cpu:
+      return super().__call__(rows, use_running_average).reshape(x.shape)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      stats = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))
+      mean = _sum_rows(stats) / len(stats)
+      var = jnp.maximum(0.0, _sum_rows(stats * stats) / len(stats) - mean * mean)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    expand = functools.partial(_broadcast_rows, rows=len(rows))
+    y = (rows - expand(mean)) * expand(mul) + expand(bias)
+    return y.astype(self.dtype or y.dtype).reshape(x.shape)
 
 
 def _classifier(x: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
@@ -183,14 +255,14 @@ def _shortcut(block: BasicBlock | Bottleneck, x: jax.Array) -> jax.Array:
   """Identity, or 1x1 conv + BN when the block changes stride or width (kuangliu's condition).
 
   Called from the block's compact `__call__`, so the submodules are registered on `block`.
-  On CPU a strided shortcut conv stores its input (`Conv`): a BasicBlock's 3x3 conv1 stores the
-  same input and XLA merges the two matmuls, but a Bottleneck's 1x1 conv1 does not, so there it
-  would be extra work (ResNet-50 measured 5% slower).
+  On CPU a strided shortcut conv stores its input (`cpu_conv`): a BasicBlock's 3x3 conv1 stores
+  the same input and XLA merges the two matmuls, but a Bottleneck's 1x1 conv1 does not, so there
+  it would be extra work and the shortcut takes the plain conv (ResNet-50 measured 5% slower).
   """
   out_features = block.filters * block.expansion
   if block.strides == 1 and x.shape[-1] == out_features:
     return x
-  shared = {} if isinstance(block, BasicBlock) else {"materialize_input": False}
+  shared = {} if isinstance(block, BasicBlock) else {"conv_general_dilated": None}
   x = block.conv(out_features, (1, 1), block.strides, parent=block, name="shortcut_conv",
                  **shared)(x)
   return block.norm(parent=block, name="shortcut_bn")(x)

@@ -259,8 +259,9 @@ def test_create_backbone_rejects_unknown_name():
     models.create_backbone("vgg16", NUM_CLASSES)
 
 
-class MaterializeTest(chex.TestCase):
-  """`materialize` and `Conv(materialize_input=True)` change the XLA program, never the numbers."""
+class CpuLoweringTest(chex.TestCase):
+  """`materialize`, `cpu_conv` and `BatchNorm(tune_for_cpu=True)` change the XLA program, not the
+  numbers: values and gradients match Flax's modules."""
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_materialize_is_the_identity_in_value_and_gradient(self):
@@ -271,45 +272,76 @@ class MaterializeTest(chex.TestCase):
     chex.assert_trees_all_close(got[1], jnp.cos(x) * jnp.arange(7.0), rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_conv_with_materialized_input_equals_nn_conv(self):
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 6))
-    plain = models.Conv(4, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
-    stored = plain.clone(materialize_input=True)
+  @parameterized.parameters(
+      # (input channels, kernel, strides, padding, groups, bias)
+      (1, (3, 3), 1, ((1, 1), (1, 1)), 1, False),   # patches: a grey stem
+      (3, (3, 3), 2, ((0, 1), (1, 2)), 1, True),    # patches, strided, uneven padding
+      (6, (3, 3), 2, ((1, 1), (1, 1)), 1, False),   # materialized input
+      (6, (1, 1), 2, "SAME", 1, False),             # materialized input
+      (6, (1, 1), 1, "SAME", 1, True),              # plain: a matmul for XLA
+      (6, (3, 3), 1, "SAME", 6, False),             # plain: depthwise
+  )
+  def test_cpu_conv_equals_nn_conv(self, channels, kernel, strides, padding, groups, bias):
+    x = jax.random.normal(jax.random.key(1), (2, 9, 8, channels))
+    plain = nn.Conv(4 if groups == 1 else channels, kernel, strides, padding=padding,
+                    feature_group_count=groups, use_bias=bias, bias_init=nn.initializers.normal())
+    tuned = plain.clone(conv_general_dilated=models.cpu_conv)
     variables = plain.init(jax.random.key(2), x)
-    chex.assert_trees_all_equal_structs(variables, stored.init(jax.random.key(2), x))
+    chex.assert_trees_all_equal_structs(variables, tuned.init(jax.random.key(2), x))
 
     def outputs_and_grads(module):
       loss = lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)))
       return self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
 
-    chex.assert_trees_all_equal(outputs_and_grads(plain), outputs_and_grads(stored))
+    chex.assert_trees_all_close(outputs_and_grads(tuned), outputs_and_grads(plain),
+                                rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(train=(True, False), tune_for_cpu=(True, False))
+  def test_batchnorm_matches_flax_batchnorm(self, train, tune_for_cpu):
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 6, 6, 5))
+    ours = models.BatchNorm(use_running_average=not train, momentum=0.9,
+                            tune_for_cpu=tune_for_cpu)
+    flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.arange(5.0)},
+                 "batch_stats": {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}}
+    chex.assert_trees_all_equal_structs(
+        variables, ours.init(jax.random.key(1), x), flax_bn.init(jax.random.key(1), x))
+    weights = jax.random.normal(jax.random.key(2), x.shape)
+
+    def run(module):
+      def loss(params, x):
+        y, stats = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(y * weights), (y, stats)
+      return self.variant(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+          variables["params"], x)
+
+    got, want = run(ours), run(flax_bn)
+    chex.assert_shape(got[0][1][0], x.shape)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_batchnorm_matches_flax_batchnorm(train):
-  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 6, 6, 5))
-  ours = models.BatchNorm(use_running_average=not train, momentum=0.9)
-  flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9)
-  variables = flax_bn.init(jax.random.key(1), x)
-  variables = {"params": variables["params"],
-               "batch_stats": {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}}
-  chex.assert_trees_all_equal_structs(variables, ours.init(jax.random.key(1), x))
-  got, got_stats = ours.apply(variables, x, mutable=["batch_stats"])
-  want, want_stats = flax_bn.apply(variables, x, mutable=["batch_stats"])
-  chex.assert_shape(got, x.shape)
-  chex.assert_trees_all_close((got, got_stats), (want, want_stats), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernel, strides, groups, stored", [
-    ((3, 3), 1, 1, True),    # kernel gradient reads the input transposed
-    ((1, 1), 2, 1, True),    # strided 1x1: still a convolution for XLA
-    ((1, 1), 1, 1, False),   # a matmul for XLA: no transpose to feed
-    ((3, 3), 1, 4, False),   # depthwise: the identity matmul would cost more than the conv
+@pytest.mark.parametrize("channels, kernel, strides, groups, lowering", [
+    (1, (3, 3), 1, 1, "patches"),        # Eigen is slow on few input channels
+    (3, (3, 3), 2, 1, "patches"),
+    (4, (3, 3), 1, 1, "materialize"),    # kernel gradient reads the input transposed
+    (8, (1, 1), 2, 1, "materialize"),    # strided 1x1: still a convolution for XLA
+    (8, (1, 1), 1, 1, "conv"),           # a matmul for XLA: no transpose to feed
+    (8, (3, 3), 1, 8, "conv"),           # depthwise: the identity matmul would cost more
 ])
-def test_conv_stores_its_input_only_where_it_pays(kernel, strides, groups, stored):
-  x = jnp.ones((2, 8, 8, 4))
-  conv = models.Conv(4, kernel, strides, feature_group_count=groups, materialize_input=True)
+def test_cpu_conv_lowers_each_conv_where_it_pays(channels, kernel, strides, groups, lowering):
+  x = jnp.ones((2, 8, 8, channels))
+  conv = nn.Conv(8, kernel, strides, padding=((1, 1), (1, 1)) if kernel[0] == 3 else "SAME",
+                 feature_group_count=groups, conv_general_dilated=models.cpu_conv)
   variables = jax.eval_shape(conv.init, jax.random.key(0), x)
-  assert ("dot_general" in str(jax.make_jaxpr(conv.apply)(variables, x))) == stored
-  plain = conv.clone(materialize_input=False)
-  assert "dot_general" not in str(jax.make_jaxpr(plain.apply)(variables, x))
+  jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
+  got = ("conv" if "dot_general" not in jaxpr else
+         "materialize" if "conv_general_dilated" in jaxpr else "patches")
+  assert got == lowering
+
+
+def test_models_take_the_cpu_lowerings_only_on_cpu():
+  conv, norm = models._conv_and_norm(jnp.float32, train=True)
+  cpu = jax.default_backend() == "cpu"
+  assert (conv.keywords["conv_general_dilated"] is models.cpu_conv) == cpu
+  assert norm.keywords["tune_for_cpu"] == cpu
