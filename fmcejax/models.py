@@ -39,15 +39,14 @@ def _conv_and_norm(dtype: Dtype, train: bool) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free He-initialised conv and BatchNorm, computing in `dtype` with float32 params.
 
   No `axis_name`: data parallelism jits over a sharded global batch, so the batch statistics are
-  already global. On CPU both take the lowerings XLA:CPU runs faster (`cpu_conv`, `BatchNorm`).
+  already global. On CPU the conv takes the lowerings XLA:CPU runs faster (`cpu_conv`).
   """
-  cpu = jax.default_backend() == "cpu"
   conv = functools.partial(
       nn.Conv, use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, param_dtype=jnp.float32,
-      conv_general_dilated=cpu_conv if cpu else None)
+      conv_general_dilated=cpu_conv if jax.default_backend() == "cpu" else None)
   norm = functools.partial(
       BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-      param_dtype=jnp.float32, tune_for_cpu=cpu)
+      param_dtype=jnp.float32)
   return conv, norm
 
 
@@ -77,7 +76,7 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
 
   Measured on CPU (docs/BENCHMARKS.md):
   - A 2-D conv over few input channels (a grey or RGB stem) is a matmul over its windows:
-    Eigen's conv is slow there (the CNN's 1-channel stem: train step 20.3 -> 17.9 ms).
+    Eigen's conv is slow there (the CNN's 1-channel stem: train step 20.7 -> 18.5 ms).
   - Other dense convs with a window or a stride `materialize` their input (ResNet-18 1.18x).
     Not a stride-1 1x1 conv: XLA makes it a matmul, whose kernel gradient needs no transpose;
     nor a depthwise conv, for which the identity matmul would cost more than the conv.
@@ -116,59 +115,18 @@ def _patches(x: jax.Array, window: Sequence[int], strides: Sequence[int],
       for i in range(window[0]) for j in range(window[1])], axis=-1)
 
 
-def _sum_rows(x: jax.Array) -> jax.Array:
-  """Column sums of an [N, C] array as a matmul with ones, XLA:CPU's fastest reduction here."""
-  return jnp.matmul(jnp.ones(x.shape[:1], x.dtype), x, precision=jax.lax.Precision.HIGHEST)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _broadcast_rows(v: jax.Array, rows: int) -> jax.Array:
-  """[C] -> [rows, C], whose gradient sums by `_sum_rows` instead of a reduce."""
-  return jnp.broadcast_to(v, (rows, *v.shape))
-
-
-_broadcast_rows.defvjp(lambda v, rows: (_broadcast_rows(v, rows), None),
-                       lambda rows, _, g: (_sum_rows(g),))
-
-
 class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` over the last axis, normalising an [N, C] view of the map.
 
-  Same variables, and values equal up to float rounding. The view is free on every backend;
-  XLA:CPU reduces it ~5x faster than the same sum over axes (0, 1, 2) of an NHWC map (2 vs 12 ms
-  for 32 MiB). With `tune_for_cpu` every sum over the rows, forward and backward, is a matmul
-  with ones: otherwise XLA:CPU folds the view back into a 4-D reduce-window where the map comes
-  straight from a conv (the CNN's train step 20.2 -> 18.5 ms, ResNet-50's 4% faster). That path
-  covers the options the models use (last axis, scale and bias, no `axis_name`) and computes
-  the variance as Flax does by default (`use_fast_variance`).
+  Same variables, and values equal up to float rounding; XLA:CPU reduces the 2-D view ~5x faster
+  than the same sum over axes (0, 1, 2) of an NHWC map (2 vs 12 ms for 32 MiB). The reshape is
+  free on every backend.
   """
-  tune_for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-    rows = x.reshape(-1, x.shape[-1])
-    if not self.tune_for_cpu:
-      return super().__call__(rows, use_running_average).reshape(x.shape)
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
-    features = (x.shape[-1],)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-    if use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      stats = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))
-      mean = _sum_rows(stats) / len(stats)
-      var = jnp.maximum(0.0, _sum_rows(stats * stats) / len(stats) - mean * mean)
-      if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    scale = self.param("scale", self.scale_init, features, self.param_dtype)
-    bias = self.param("bias", self.bias_init, features, self.param_dtype)
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale
-    expand = functools.partial(_broadcast_rows, rows=len(rows))
-    y = (rows - expand(mean)) * expand(mul) + expand(bias)
-    return y.astype(self.dtype or y.dtype).reshape(x.shape)
+    y = super().__call__(x.reshape(-1, x.shape[-1]), use_running_average)
+    return y.reshape(x.shape)
 
 
 def _classifier(x: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
@@ -192,7 +150,7 @@ def _max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class SimpleCNN(nn.Module):
-  """Three conv-BN-ReLU blocks (~24k params): ~98.6% on MNIST in 3 epochs, ~5k images/s on 2 CPU
+  """Three conv-BN-ReLU blocks (~24k params): ~98.6% on MNIST in 3 epochs, ~7.3k images/s on 2 CPU
   cores."""
   num_classes: int
   dtype: Dtype = jnp.float32
