@@ -24,7 +24,7 @@ AUGMENT = ("auto", "on", "off")
 NAN_POLICIES = ("error", "skip")
 # Fields that do not change results: a finished workdir may be re-run with other values.
 RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "checkpoint_every_steps",
-                   "keep_checkpoints", "log_every", "progress_bar", "nan_policy")
+                   "keep_checkpoints", "log_every", "progress_bar", "nan_policy", "input_workers")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_examples_limit = 0     # 0 = the whole split
   c.test_examples_limit = 0
   c.augment = "auto"             # auto (crop+flip for CIFAR) | on | off
+  c.input_workers = "auto"       # grain worker processes: auto (0 on CPU, else cores/2 up to 8) | N
   c.dtype = "float32"            # compute dtype; parameters stay float32
 
   # Recipe of the backbone runs (probe, baseline, fmcenetpp).
@@ -155,6 +156,22 @@ def parse_seeds(value: Any) -> list[int]:
   return seeds
 
 
+def parse_input_workers(value: Any, backend: str, cpu_count: int) -> int:
+  """`input_workers` is "auto" or a count. Auto leaves a CPU backend's cores to XLA; an
+  accelerator host gets half its cores, up to 8: one core augments ~15k CIFAR images/s, and a
+  GPU or TPU step consumes several times that (docs/BENCHMARKS.md)."""
+  if str(value) == "auto":
+    return 0 if backend == "cpu" else max(1, min(8, cpu_count // 2))
+  try:
+    workers = int(str(value))
+  except ValueError:
+    workers = -1
+  if workers < 0:
+    raise ConfigError("input_workers", value,
+                      '"auto" (0 on CPU, else half the host\'s cores up to 8) or an integer >= 0')
+  return workers
+
+
 def parse_stages(value: str) -> list[str]:
   """`stages` is "all" or a comma list; returned in pipeline order."""
   names = [s.strip() for s in str(value).split(",") if s.strip()]
@@ -211,6 +228,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                       + ", ".join(models.STAGES[config.backbone]))
   parse_stages(config.stages)
   parse_seeds(config.seeds)
+  parse_input_workers(config.input_workers, "cpu", 1)
   _one_of(config, "dtype", DTYPES)
   _one_of(config, "augment", AUGMENT)
   _one_of(config, "optimizer", OPTIMIZERS)

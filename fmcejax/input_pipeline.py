@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from absl import flags
 from tensorflow_datasets.core import registered
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
@@ -523,12 +524,23 @@ def subset_indices(num: int, size: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(num, size=min(size, num), replace=False)).astype(np.int64)
 
 
-def make_iterator(ds: grain.MapDataset, *, num_threads: int = 1,
+def make_iterator(ds: grain.MapDataset, *, start: int = 0, workers: int = 0,
                   prefetch: int = 4) -> grain.DatasetIterator:
-  """A prefetching iterator over `ds` whose get_state()/set_state() checkpoint the position.
+  """An iterator over `ds[start:]`: batch `start` first, then the rest in order, prefetched.
 
-  One thread overlaps loading with the device; the per-example work holds the GIL, so more
-  threads only contend (measured: 2 threads halve the augmented rate).
+  Resuming at a batch index needs no loader state of its own: `ds[k]` is a pure function of k
+  (`epoch_batches`), so the same batches come for any `workers`, on any host.
+  - `workers=0`: one thread of this process overlaps loading with the device. The per-example
+    work holds the GIL, so more threads only contend (measured: 2 threads halve the rate).
+  - `workers=N`: N grain worker processes (`mp_prefetch`) each load every N-th batch, for hosts
+    whose accelerators consume more images than one core augments (docs/BENCHMARKS.md).
   """
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                   prefetch_buffer_size=prefetch)))
+  if not 0 <= start <= len(ds):
+    raise ValueError(f"start must lie in [0, {len(ds)}], got {start}.")
+  iter_ds = ds[start:].to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                         prefetch_buffer_size=prefetch))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: notebooks, tests, bench
+      flags.FLAGS.mark_as_parsed()
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(iter_ds)

@@ -55,7 +55,8 @@ class Pipeline:
     self.loop = trainer.LoopOptions(
         log_every=config.log_every, checkpoint_every_steps=config.checkpoint_every_steps,
         keep_checkpoints=config.keep_checkpoints, nan_policy=config.nan_policy,
-        progress_bar=config.progress_bar)
+        progress_bar=config.progress_bar, input_workers=config_lib.parse_input_workers(
+            config.input_workers, jax.default_backend(), os.cpu_count() or 1))
 
   # -- helpers -------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The training loop shared by every stage that trains: checkpoints, exact resume, preemption.
 
 A run is resumable at any checkpoint: the Orbax checkpoint holds the train state (params,
-optimizer, step), the grain iterator's position and the host-side history, and the step's RNG is
+optimizer, step) and the host-side history. The step is also the loader's position (batch k of
+the grain dataset is a pure function of k, whatever the worker count), and the step's RNG is
 `fold_in(seed, step)`, so a resumed run repeats the uninterrupted one. Metrics stay on device
 between log intervals; the host syncs only to log, evaluate and checkpoint.
 """
@@ -74,6 +75,7 @@ class LoopOptions:
   nan_policy: str = "error"             # error | skip
   progress_bar: bool = True
   description: str = ""
+  input_workers: int = 0                # grain worker processes; 0 = a thread of this process
 
 
 EpochHook = Callable[[int, steps.TrainState, list[dict[str, Any]]], bool]
@@ -130,7 +132,7 @@ def _quarantine(manager: ocp.CheckpointManager, bad_steps: list[int]) -> None:
 
 def _restore_latest_good(manager: ocp.CheckpointManager, state: steps.TrainState,
                          identity: dict[str, Any], run_dir: Path):
-  """(state, loader state, progress) of the newest readable checkpoint, or None if none exist.
+  """(state, progress) of the newest readable checkpoint, or None if none exist.
 
   A checkpoint that fails to restore (truncated file, missing item) is reported and skipped for
   the one before it; if checkpoints exist but none is readable the run stops rather than
@@ -144,7 +146,7 @@ def _restore_latest_good(manager: ocp.CheckpointManager, state: steps.TrainState
       meta = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
       _check_identity(meta.progress["identity"], identity, run_dir)
       out = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract(state)), loader=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(abstract(state))))
     except CheckpointMismatch:
       raise
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous
@@ -157,7 +159,7 @@ def _restore_latest_good(manager: ocp.CheckpointManager, state: steps.TrainState
       logging.warning("resumed from step %d after skipping unreadable checkpoint(s): %s (moved "
                       "to %s.corrupt)", step, ", ".join(errors), manager.directory)
     logging.info("%s: resumed from step %d", run_dir, step)
-    return out.state, out.loader, meta.progress
+    return out.state, meta.progress
   if candidates:
     raise RuntimeError(
         f"no readable checkpoint in {manager.directory} ({'; '.join(errors)}). Refusing to "
@@ -219,18 +221,18 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
                     if job.head_variables is not None else None)
 
   state = init_fn(jax.random.PRNGKey(job.seed))
-  iterator = input_pipeline.make_iterator(job.train_data)
   progress: dict[str, Any] = {"history": [], "loss_sum": 0.0, "loss_count": 0,
                               "stopped_early": False, "nonfinite_steps": 0,
                               "images": 0, "train_seconds": 0.0, "identity": job.identity}
   manager = checkpoint_manager(run_dir / "checkpoints", options.keep_checkpoints)
   restored = _restore_latest_good(manager, state, job.identity, run_dir)
   if restored is not None:
-    state, loader_state, progress = restored
-    iterator.set_state(loader_state)
-
+    state, progress = restored
   total = job.steps_per_epoch * job.epochs
   step = int(jax.device_get(state.step))
+  # One batch per step, and batch k is a pure function of k: the step is the loader position.
+  iterator = input_pipeline.make_iterator(job.train_data, start=step,
+                                          workers=options.input_workers)
   writer = _Writer(run_dir / "tb")
   base_rng = jax.random.PRNGKey(job.seed + 1)
   pending: list[dict[str, jax.Array]] = []
@@ -280,8 +282,7 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
 
   def save() -> None:
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(iterator.get_state()),
-        progress=ocp.args.JsonSave(progress)), force=True)
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
 
   def evaluate() -> dict[str, float]:
     sums = None
@@ -347,6 +348,7 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
           raise Preempted(f"{options.description}: SIGTERM received; checkpoint written at "
                           f"step {step}. Re-run the same command to resume.")
   finally:
+    iterator.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()

@@ -22,7 +22,8 @@ def test_bench_writes_the_json_it_prints(tmp_path, capsys):
   path = tmp_path / "bench.json"
   returned = bench.main(["--backbone", "cnn", "--batch_size", "16", "--steps", "3",
                          "--warmup", "1", "--rounds", "2", "--torch", TORCH,
-                         "--pipeline_batches", "5", "--json", str(path)])
+                         "--pipeline_batches", "5", "--input_workers", "0,1",
+                         "--json", str(path)])
   result = json.loads(path.read_text())
   assert result == json.loads(json.dumps(returned))
   assert set(result) == {"config", "environment", "flops", "results", "ratios", "input_pipeline"}
@@ -44,8 +45,13 @@ def test_bench_writes_the_json_it_prints(tmp_path, capsys):
   assert flops["train_per_image"]["ral"] > flops["train_per_image"]["baseline"] > 0
   if HAS_TORCH:
     assert _positive(result["ratios"]["jax_over_torch_eager_ral"]["images_per_second"])
-  assert _positive(result["input_pipeline"]["images_per_second"])
-  assert _positive(result["input_pipeline"]["over_jax_baseline"])
+  pipeline = result["input_pipeline"]
+  assert set(pipeline["images_per_second_by_workers"]) == {"0", "1"}
+  assert all(_positive(v) for v in pipeline["images_per_second_by_workers"].values())
+  assert pipeline["images_per_second"] == max(pipeline["images_per_second_by_workers"].values())
+  assert pipeline["images_per_second"] == pipeline["images_per_second_by_workers"][
+      str(pipeline["workers"])]
+  assert _positive(pipeline["over_jax_baseline"])
   table = capsys.readouterr().out
   assert "RAL / baseline step time" in table and "torch_compile" not in table
 
@@ -106,11 +112,13 @@ def test_table_shows_failures_and_missing_figures():
                   "torch_compile": {"baseline": {"error": "RuntimeError: boom"}}},
       "ratios": {"ral_over_baseline_step_time": {"jax": None},
                  "jax_over_torch_compile_baseline": {"images_per_second": None}},
-      "input_pipeline": {"images_per_second": 3200.0, "over_jax_baseline": 2.0},
+      "input_pipeline": {"images_per_second": 3200.0, "over_jax_baseline": 2.0, "workers": 2,
+                         "images_per_second_by_workers": {"0": 1500.0, "2": 3200.0}},
   }
   table = bench.format_table(result)
   assert "failed: RuntimeError: boom" in table
-  assert "1600" in table and "jax -" in table and "3200 img/s = 2.00 x" in table
+  assert "1600" in table and "jax -" in table
+  assert "0 workers 1500, 2 workers 3200; best = 2.00 x" in table
 
 
 def test_peak_flops_lookup():

@@ -29,6 +29,7 @@ def run_cli(*args, timeout=600):
     ("--config.epochs=0", "epochs", "integer >= 1"),
     ("--config.module=stage9", "module", "conv1, conv2, conv3"),
     ("--config.seeds=-1", "seeds", "a count >= 1"),
+    ("--config.input_workers=many", "input_workers", '"auto" (0 on CPU'),
 ])
 def test_bad_input_is_one_clear_error_with_exit_status_2(tmp_path, override, field, accepted):
   result = run_cli(f"--workdir={tmp_path / 'w'}", override, timeout=120)
@@ -62,7 +63,8 @@ QUICK = ["--config.train_examples_limit=4096", "--config.test_examples_limit=512
 def test_baseline_stage_on_real_mnist(tmp_path, mnist_tfds):
   workdir = tmp_path / "w"
   result = run_cli(f"--workdir={workdir}", f"--config.tfds_data_dir={mnist_tfds}",
-                   "--config.stages=baseline", "--config.seeds=1", *QUICK)
+                   "--config.stages=baseline", "--config.seeds=1", *QUICK,
+                   "--config.input_workers=2")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((workdir / "baseline" / "seed_0" / "metrics.json").read_text())
   for key in ("test_accuracy", "test_loss", "epochs", "images_per_second"):
@@ -70,7 +72,7 @@ def test_baseline_stage_on_real_mnist(tmp_path, mnist_tfds):
   assert metrics["epochs"] == 2 and metrics["images_per_second"] > 0
   assert 0.5 < metrics["test_accuracy"] <= 1.0  # 128 steps of a small CNN: well above chance
   assert list((workdir / "baseline" / "seed_0" / "tb").glob("events.out.tfevents.*"))
-  # Same command again: the finished stage is skipped, results untouched.
+  # Same command again (in-process loading, a run-only field): the finished stage is skipped.
   again = run_cli(f"--workdir={workdir}", f"--config.tfds_data_dir={mnist_tfds}",
                   "--config.stages=baseline", "--config.seeds=1", *QUICK)
   assert again.returncode == 0

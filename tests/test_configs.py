@@ -34,6 +34,18 @@ def test_config_is_valid(path):
   assert config_lib.parse_stages(config.stages) == list(config_lib.STAGES)
 
 
+def test_input_workers_are_auto_or_a_count():
+  assert config_lib.parse_input_workers("auto", "cpu", 64) == 0
+  assert config_lib.parse_input_workers("auto", "gpu", 16) == 8
+  assert config_lib.parse_input_workers("auto", "tpu", 240) == 8
+  assert config_lib.parse_input_workers("auto", "gpu", 1) == 1
+  assert config_lib.parse_input_workers("3", "cpu", 2) == 3
+  assert config_lib.parse_input_workers(0, "gpu", 16) == 0
+  for bad in ("-1", "x", 2.5, ""):
+    with pytest.raises(config_lib.ConfigError, match="'input_workers'"):
+      config_lib.parse_input_workers(bad, "gpu", 16)
+
+
 def test_seeds_accept_a_count_or_a_list():
   assert config_lib.parse_seeds(3) == [0, 1, 2]
   assert config_lib.parse_seeds("3") == [0, 1, 2]

@@ -111,6 +111,19 @@ def test_sigterm_checkpoints_and_resume_equals_the_straight_run(tmp_path, straig
   _same(_fit(_job(), tmp_path), straight)
 
 
+def test_loader_workers_change_nothing_and_resume_with_another_count(tmp_path, straight):
+  """Grain worker processes load the same batches: preempted with 2 workers, resumed in-process,
+  the run equals the straight one."""
+  def preempt_after_epoch_1(epoch, state, history):
+    if epoch == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return False
+
+  with pytest.raises(trainer.Preempted, match="checkpoint written at step 4"):
+    _fit(_job(), tmp_path, preempt_after_epoch_1, input_workers=2)
+  _same(_fit(_job(), tmp_path), straight)
+
+
 def _nan_on_black_batches(images):
   """NaN whenever the whole batch is black: lets a test inject a poisoned batch."""
   return PREPROCESS(images) * (jnp.max(images) / jnp.max(images))
