@@ -244,14 +244,15 @@ def input_pipeline_images_per_second(image_shape: tuple[int, ...], batch_size: i
   """Host images/s of `input_pipeline.epoch_batches` + `make_iterator` with crop+flip.
 
   Uses `input_pipeline.random_crop_flip`, the function `train_dataset` uses (so the figure
-  follows the real augmentation), over an in-memory `grain.MapDataset.source` of random uint8
-  images, with `workers` grain processes as `trainer.fit` would use them. The first 10 batches
+  follows the real augmentation), over random uint8 images in an `input_pipeline.ArraySource`
+  (training's in-memory source), with `workers` grain processes as `trainer.fit` would use them. The first 10 batches
   (which start the workers and fill the prefetch buffers) are not timed.
   """
   pool = 8
   rng = np.random.default_rng(seed)
-  examples = [{"image": rng.integers(0, 256, image_shape, dtype=np.uint8),
-               "label": np.int32(i % 10)} for i in range(pool * batch_size)]
+  examples = input_pipeline.ArraySource(
+      image=rng.integers(0, 256, (pool * batch_size, *image_shape), dtype=np.uint8),
+      label=np.arange(pool * batch_size, dtype=np.int32) % 10)
   skip = 10
   ds = input_pipeline.epoch_batches(
       grain.MapDataset.source(examples), global_batch=batch_size,

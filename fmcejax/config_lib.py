@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_examples_limit = 0     # 0 = the whole split
   c.test_examples_limit = 0
   c.augment = "auto"             # auto (crop+flip for CIFAR) | on | off
-  c.input_workers = "auto"       # grain worker processes: auto (0 on CPU, else cores/2 up to 8) | N
+  c.input_workers = "auto"       # grain worker processes: auto (see parse_input_workers) | N
   c.dtype = "float32"            # compute dtype; parameters stay float32
 
   # Recipe of the backbone runs (probe, baseline, fmcenetpp).
@@ -158,17 +158,19 @@ def parse_seeds(value: Any) -> list[int]:
 
 def parse_input_workers(value: Any, backend: str, cpu_count: int) -> int:
   """`input_workers` is "auto" or a count. Auto leaves a CPU backend's cores to XLA; an
-  accelerator host gets half its cores, up to 8: one core augments ~15k CIFAR images/s, and a
-  GPU or TPU step consumes several times that (docs/BENCHMARKS.md)."""
+  accelerator host with 4 or more cores gets half of them, up to 8: one core augments ~15k CIFAR
+  images/s, and a GPU or TPU step consumes several times that (docs/BENCHMARKS.md). With fewer
+  cores (Colab), one worker mostly adds the hand-off: here it measured slower than in-process."""
   if str(value) == "auto":
-    return 0 if backend == "cpu" else max(1, min(8, cpu_count // 2))
+    return 0 if backend == "cpu" or cpu_count < 4 else min(8, cpu_count // 2)
   try:
     workers = int(str(value))
   except ValueError:
     workers = -1
   if workers < 0:
     raise ConfigError("input_workers", value,
-                      '"auto" (0 on CPU, else half the host\'s cores up to 8) or an integer >= 0')
+                      '"auto" (0 on CPU or under 4 cores, else half the cores up to 8) or an '
+                      'integer >= 0')
   return workers
 
 

@@ -8,8 +8,8 @@ CIFAR-10 JPEG copy has its own builder (`cifar10_jpeg`). The prepared directorie
 `<tfds_data_dir>/<name>/<version>`, so data prepared by tfds on a connected machine reads the same.
 
 Order of examples: a train batch index k maps to a fixed set of examples (random access), which is
-what makes resuming from grain's iterator state exact and what lets every host take only its
-shard of each global batch.
+what makes resuming at a batch index exact (`make_iterator(start=k)`, with or without worker
+processes) and what lets every host take only its shard of each global batch.
 """
 
 from __future__ import annotations
@@ -396,8 +396,26 @@ def _local_batch(global_batch: int, process_index: int, process_count: int) -> i
   return global_batch // process_count
 
 
-def _to_element(example: dict) -> dict:
-  return {"image": example["image"], "label": np.int32(example["label"])}
+def _stack(info: DatasetInfo, examples: list[dict]) -> dict[str, np.ndarray]:
+  """Decoded tfds examples as {"image": uint8 [N, H, W, C], "label": int32 [N]}."""
+  return {"image": (np.stack([e["image"] for e in examples]) if examples
+                    else np.zeros((0, *info.image_shape), np.uint8)),
+          "label": np.array([e["label"] for e in examples], np.int32)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+  """Examples held as two arrays, indexable like a tuple of elements. Grain pickles a source into
+  each worker process, and one buffer pickles in half the start-up time of 50,000 small dicts
+  (2 workers: 1.6 vs 3.3 s to the first CIFAR-sized batch)."""
+  image: np.ndarray
+  label: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.label)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": self.image[index], "label": self.label[index]}
 
 
 def _source(info: DatasetInfo, split: str, tfds_data_dir: str):
@@ -412,13 +430,13 @@ def _source(info: DatasetInfo, split: str, tfds_data_dir: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _decoded(info: DatasetInfo, split: str, n: int, tfds_data_dir: str) -> tuple[dict, ...]:
+def _decoded(info: DatasetInfo, split: str, n: int, tfds_data_dir: str) -> ArraySource:
   """The first `n` examples of a split, decoded once per process and kept in memory.
 
   Every dataset here is small (at most 50,000 x 32x32x3 bytes), and one bulk read plus one
   decode is about 3x faster than reading records one by one and 10x faster per later epoch.
   """
-  return tuple(map(_to_element, _source(info, split, tfds_data_dir).__getitems__(range(n))))
+  return ArraySource(**_stack(info, _source(info, split, tfds_data_dir).__getitems__(range(n))))
 
 
 def _examples(info: DatasetInfo, split: str, limit: int, tfds_data_dir: str) -> grain.MapDataset:
@@ -509,12 +527,7 @@ def load_arrays(info: DatasetInfo, *, split: str = "train", indices: np.ndarray,
   indices = np.asarray(indices, np.int64)
   if indices.size and (indices.min() < 0 or indices.max() >= len(source)):
     raise IndexError(f"indices must lie in [0, {len(source)}) for {info.name}/{split}.")
-  elements = [_to_element(e) for e in source.__getitems__(indices.tolist())]
-  return {
-      "image": np.stack([e["image"] for e in elements]) if elements
-               else np.zeros((0, *info.image_shape), np.uint8),
-      "label": np.array([e["label"] for e in elements], np.int32),
-  }
+  return _stack(info, source.__getitems__(indices.tolist()))
 
 
 def subset_indices(num: int, size: int, seed: int) -> np.ndarray:

@@ -29,7 +29,7 @@ def run_cli(*args, timeout=600):
     ("--config.epochs=0", "epochs", "integer >= 1"),
     ("--config.module=stage9", "module", "conv1, conv2, conv3"),
     ("--config.seeds=-1", "seeds", "a count >= 1"),
-    ("--config.input_workers=many", "input_workers", '"auto" (0 on CPU'),
+    ("--config.input_workers=many", "input_workers", '"auto" (0 on CPU or under 4'),
 ])
 def test_bad_input_is_one_clear_error_with_exit_status_2(tmp_path, override, field, accepted):
   result = run_cli(f"--workdir={tmp_path / 'w'}", override, timeout=120)
