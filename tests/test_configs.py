@@ -39,7 +39,7 @@ def test_input_workers_are_auto_or_a_count():
   assert config_lib.parse_input_workers("auto", "gpu", 16) == 8
   assert config_lib.parse_input_workers("auto", "tpu", 240) == 8
   assert config_lib.parse_input_workers("auto", "gpu", 4) == 2
-  assert config_lib.parse_input_workers("auto", "gpu", 2) == 0  # Colab: in-process is faster
+  assert config_lib.parse_input_workers("auto", "gpu", 2) == 0  # Colab-sized: 1 worker would not pay
   assert config_lib.parse_input_workers("3", "cpu", 2) == 3
   assert config_lib.parse_input_workers(0, "gpu", 16) == 0
   for bad in ("-1", "x", 2.5, ""):
