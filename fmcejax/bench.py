@@ -245,8 +245,9 @@ def input_pipeline_images_per_second(image_shape: tuple[int, ...], batch_size: i
 
   Uses `input_pipeline.random_crop_flip`, the function `train_dataset` uses (so the figure
   follows the real augmentation), over random uint8 images in an `input_pipeline.ArraySource`
-  (training's in-memory source), with `workers` grain processes as `trainer.fit` would use them. The first 10 batches
-  (which start the workers and fill the prefetch buffers) are not timed.
+  (training's in-memory source), with `workers` grain processes as `trainer.fit` would use
+  them. The first 10 batches (which start the workers and fill the prefetch buffers) are not
+  timed.
   """
   pool = 8
   rng = np.random.default_rng(seed)

@@ -230,9 +230,6 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
     state, progress = restored
   total = job.steps_per_epoch * job.epochs
   step = int(jax.device_get(state.step))
-  # One batch per step, and batch k is a pure function of k: the step is the loader position.
-  iterator = input_pipeline.make_iterator(job.train_data, start=step,
-                                          workers=options.input_workers)
   writer = _Writer(run_dir / "tb")
   base_rng = jax.random.PRNGKey(job.seed + 1)
   pending: list[dict[str, jax.Array]] = []
@@ -298,6 +295,10 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
   show = options.progress_bar and jax.process_index() == 0
   bar = tqdm.tqdm(total=total, initial=step, desc=options.description, unit="step",
                   dynamic_ncols=True, leave=False) if show else None
+  # One batch per step, and batch k is a pure function of k: the step is the loader position.
+  # Created last, next to the `finally` that stops its worker processes.
+  iterator = input_pipeline.make_iterator(job.train_data, start=step,
+                                          workers=options.input_workers)
   try:
     with _sigterm_handled():
       while step < total and not progress["stopped_early"]:
