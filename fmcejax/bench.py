@@ -7,8 +7,10 @@ batch sharded over `parallel.make_mesh()`), compiled ahead of time so compilatio
 own, then timed one device-synchronised step at a time (`jax.block_until_ready`) on a fixed device
 batch; the input pipeline is timed separately. The RAL step is `train_with_head`: a frozen
 `models.FMCENet` on the backbone's `models.DEFAULT_MODULE` map, alpha 0.1 (convex, phase target).
-The PyTorch reference (`torch_ref`) runs on the same (first) device in the same process, eager and
-under `torch.compile`, from the same initial weights. Timed steps of all contenders are interleaved
+The PyTorch reference (`torch_ref`) runs on the same (first) device, eager and under
+`torch.compile`, from the same initial weights, in a child process: in one process the two
+frameworks' allocators and thread pools slow each other down (on CPU the JAX CNN step measured
+21 ms instead of 16.5, torch's 16.5 ms instead of 15). Timed steps of all contenders are interleaved
 in rounds so that load from other processes on a shared machine hits all of them alike; every figure
 is the median of the timed steps, warm-up excluded. JAX peak memory is the process high-water mark
 (`memory_stats`), read after each variant's warm-up.
@@ -17,18 +19,20 @@ is the median of the timed steps, warm-up excluded. JAX peak memory is the proce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax
@@ -56,12 +60,25 @@ PEAK_FLOPS = ((("H100 PCIe", "bfloat16"), 756e12), (("H100 NVL", "bfloat16"), 83
 
 @dataclasses.dataclass
 class _Contender:
-  """One framework/variant pair: its one-step closure (None if it failed) and its figures."""
+  """One framework/variant pair: `run(n)` times n steps, returning seconds per step (None if the
+  contender failed), and its figures."""
   framework: str                      # jax | torch_eager | torch_compile
   variant: str                        # baseline | ral
-  step: Callable[[], None] | None
+  run: Callable[[int], list[float]] | None
   figures: dict[str, Any]
   times: list[float] = dataclasses.field(default_factory=list)
+
+
+def _timer(step: Callable[[], None]) -> Callable[[int], list[float]]:
+  """`run(n)` for a synchronised one-step closure."""
+  def run(n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      start = time.perf_counter()
+      step()
+      times.append(time.perf_counter() - start)
+    return times
+  return run
 
 
 def _normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -165,7 +182,7 @@ def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, n
       step()
     memory = compiled.memory_analysis()
     flops = _flops(compiled)
-    contenders.append(_Contender(framework, variant, step, {
+    contenders.append(_Contender(framework, variant, _timer(step), {
         "compile_s": compile_s, "first_step_s": first_s,
         "peak_bytes": _peak_bytes(device),
         "xla_temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
@@ -176,8 +193,10 @@ def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, n
 
 def _torch_contenders(args: argparse.Namespace, host: dict[str, Any],
                       host_batch: dict[str, np.ndarray], mean: tuple[float, ...],
-                      std: tuple[float, ...], modes: Sequence[str]) -> list[_Contender]:
-  """The `torch_ref` baseline and RAL steps from the same initial weights as the JAX ones.
+                      std: tuple[float, ...], modes: Sequence[str],
+                      gpu: bool = False) -> list[_Contender]:
+  """The `torch_ref` baseline and RAL steps from the same initial weights as the JAX ones, on
+  CUDA if `gpu` (JAX runs on a GPU) and torch has it.
 
   A mode that fails (e.g. `torch.compile` without a working C++ toolchain) is recorded with its
   error message instead of aborting the run.
@@ -188,7 +207,7 @@ def _torch_contenders(args: argparse.Namespace, host: dict[str, Any],
 
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
-  use_cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  use_cuda = gpu and torch.cuda.is_available()
   # cuDNN autotuning is torch's counterpart of XLA's conv autotuning, which JAX does by default.
   torch.backends.cudnn.benchmark = use_cuda
   device = torch.device("cuda" if use_cuda else "cpu")
@@ -235,8 +254,61 @@ def _torch_contenders(args: argparse.Namespace, host: dict[str, Any],
         contenders.append(_Contender(framework, variant, None, figures))
         continue
       figures["peak_bytes"] = int(torch.cuda.max_memory_allocated()) if use_cuda else None
-      contenders.append(_Contender(framework, variant, step, figures))
+      contenders.append(_Contender(framework, variant, _timer(step), figures))
   return contenders
+
+
+def _torch_worker(conn: Any, *args: Any) -> None:
+  """Child process: builds `_torch_contenders(*args)`, then times blocks of steps on request."""
+  try:
+    contenders = _torch_contenders(*args)
+  except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it
+    conn.send(("error", f"{type(e).__name__}: {e}"))
+    return
+  conn.send(("ok", [(c.framework, c.variant, c.run is not None, c.figures) for c in contenders]))
+  while (request := conn.recv()) is not None:
+    index, n = request
+    conn.send(contenders[index].run(n))
+
+
+@contextlib.contextmanager
+def _torch_process(*args: Any) -> Iterator[list[_Contender]]:
+  """`_torch_contenders(*args)` in a spawned child process, as proxies whose `run` times there.
+
+  Its own process gives torch its own heap and thread pools, as a PyTorch user has them.
+  """
+  context = multiprocessing.get_context("spawn")
+  conn, child_conn = context.Pipe()
+  process = context.Process(target=_torch_worker, args=(child_conn, *args), daemon=True)
+  process.start()
+  child_conn.close()  # so that recv() raises EOFError if the child dies
+
+  def receive() -> Any:
+    try:
+      return conn.recv()
+    except EOFError:
+      raise RuntimeError(f"the PyTorch reference process exited with code {process.exitcode} "
+                         "(spawned: run the bench from a module or a __main__-guarded script)"
+                         ) from None
+
+  def proxy(index: int) -> Callable[[int], list[float]]:
+    def run(n: int) -> list[float]:
+      conn.send((index, n))
+      return receive()
+    return run
+
+  try:
+    status, payload = receive()
+    if status == "error":
+      raise RuntimeError(f"the PyTorch reference failed: {payload}")
+    yield [_Contender(framework, variant, proxy(i) if ok else None, figures)
+           for i, (framework, variant, ok, figures) in enumerate(payload)]
+  finally:
+    if process.is_alive():
+      conn.send(None)
+    process.join(timeout=30)
+    if process.is_alive():
+      process.kill()
 
 
 def input_pipeline_images_per_second(image_shape: tuple[int, ...], batch_size: int,
@@ -277,12 +349,8 @@ def _timed_rounds(contenders: list[_Contender], steps_total: int, rounds: int) -
   per_round = [steps_total // rounds + (r < steps_total % rounds) for r in range(rounds)]
   for n in per_round:
     for c in contenders:
-      if c.step is None:
-        continue
-      for _ in range(n):
-        start = time.perf_counter()
-        c.step()
-        c.times.append(time.perf_counter() - start)
+      if c.run is not None:
+        c.times += c.run(n)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -318,8 +386,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   env = _environment()
 
   contenders, host = _jax_contenders(args, mesh, host_batch, preprocess, dtype)
-  contenders += _torch_contenders(args, host, host_batch, mean, std, TORCH_MODES[args.torch])
-  _timed_rounds(contenders, args.steps, args.rounds)
+  modes = TORCH_MODES[args.torch]
+  with (_torch_process(args, host, host_batch, mean, std, modes, jax.default_backend() == "gpu")
+        if modes else contextlib.nullcontext([])) as torch_contenders:
+    contenders += torch_contenders
+    _timed_rounds(contenders, args.steps, args.rounds)
   env["load_average_end"] = os.getloadavg()
 
   peak = peak_flops_per_device(env["device_kind"], args.dtype, args.peak_tflops)

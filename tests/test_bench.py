@@ -91,7 +91,7 @@ def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
   assert [(c.framework, c.variant) for c in contenders] == [
       ("torch_compile", "baseline"), ("torch_compile", "ral")]
   for c in contenders:
-    assert c.step is None
+    assert c.run is None
     assert c.figures["error"] == "RuntimeError: no C++ compiler found"
 
 

@@ -17,7 +17,7 @@ import pytest
 from absl.testing import parameterized
 from flax import linen as nn
 
-from fmcejax import models
+from fmcejax import models, parallel
 
 NUM_CLASSES = 10
 INPUT_SHAPES = ((2, 32, 32, 3), (2, 28, 28, 1))
@@ -297,10 +297,12 @@ class CpuLoweringTest(chex.TestCase):
                                 rtol=1e-5, atol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(True, False)
-  def test_batchnorm_matches_flax_batchnorm(self, train):
-    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 6, 6, 5))
-    ours = models.BatchNorm(use_running_average=not train, momentum=0.9)
+  @parameterized.product(train=(True, False), cpu_lowering=(True, False),
+                         shape=((4, 6, 6, 5), (1, 37, 1, 5)))  # 144 rows: 24 x 6; 37: prime
+  def test_batchnorm_matches_flax_batchnorm(self, train, cpu_lowering, shape):
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)
+    ours = models.BatchNorm(use_running_average=not train, momentum=0.9,
+                            cpu_lowering=cpu_lowering)
     flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9)
     variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.arange(5.0)},
                  "batch_stats": {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}}
@@ -318,6 +320,44 @@ class CpuLoweringTest(chex.TestCase):
     got, want = run(ours), run(flax_bn)
     chex.assert_shape(got[0][1][0], x.shape)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_batchnorm_keeps_flax_dtypes(dtype):
+  x = jnp.ones((4, 3, 3, 2), dtype)
+  bn = models.BatchNorm(use_running_average=False, dtype=dtype, cpu_lowering=True)
+  variables = bn.init(jax.random.key(0), x)
+  chex.assert_trees_all_equal_dtypes(variables, jax.tree.map(lambda _: jnp.float32, variables))
+  grad = jax.grad(lambda x: jnp.sum(bn.apply(variables, x, mutable=["batch_stats"])[0]))(x)
+  assert bn.apply(variables, x, mutable=["batch_stats"])[0].dtype == dtype == grad.dtype
+
+
+def test_cpu_batchnorm_sums_as_accurately_as_a_pairwise_tree():
+  """A sequential float32 sum of 2^17 values near 1 is off by ~1e-5 relative (XLA's own
+  reduce: ~3e-6); the tree of <= 32-row sums stays at ~1e-7."""
+  x = 1.0 + np.random.default_rng(0).standard_normal((2 ** 17, 3)).astype(np.float32)
+  got = jax.jit(models._column_sums)(x, x * x)
+  x64 = x.astype(np.float64)
+  for sums, want in zip(got, (x64.sum(0), (x64 * x64).sum(0))):
+    np.testing.assert_allclose(sums, want, rtol=5e-7)
+
+
+def test_cpu_batchnorm_trains_without_xla_reduce_windows():
+  """XLA:CPU rewrites a large one-array sum into a reduce-window, which is slow once folded
+  back onto the NHWC map; `cpu_lowering` keeps every batch statistic a variadic reduce."""
+  options = parallel.compiler_options(parallel.make_mesh(jax.devices("cpu")[:1]))
+  if options is None:
+    pytest.skip("this XLA does not take the CPU compiler options the lowering is measured with")
+  x = jnp.ones((32, 8, 8, 16))
+  hlo = {}
+  for cpu_lowering in (True, False):
+    bn = models.BatchNorm(use_running_average=False, cpu_lowering=cpu_lowering)
+    variables = bn.init(jax.random.key(0), x)
+    loss = lambda params, x: jnp.sum(bn.apply(
+        {**variables, "params": params}, x, mutable=["batch_stats"])[0] ** 2)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
+    hlo[cpu_lowering] = grad.lower(variables["params"], x).compile().as_text()
+  assert "reduce-window(" in hlo[False] and "reduce-window(" not in hlo[True]
 
 
 def test_jitted_cnn_gradient_equals_op_by_op():
@@ -359,6 +399,7 @@ def test_cpu_conv_lowers_each_conv_where_it_pays(channels, kernel, strides, grou
 
 
 def test_models_take_the_cpu_lowerings_only_on_cpu():
-  conv, _ = models._conv_and_norm(jnp.float32, train=True)
+  conv, norm = models._conv_and_norm(jnp.float32, train=True)
   on_cpu = jax.default_backend() == "cpu"
   assert (conv.keywords["conv_general_dilated"] is models.cpu_conv) == on_cpu
+  assert norm.keywords["cpu_lowering"] == on_cpu
