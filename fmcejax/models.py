@@ -213,12 +213,32 @@ def param_count(params: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def _max_pool_2x2(x: jax.Array) -> jax.Array:
+def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2/2 max-pool as reshape + max: same values as nn.max_pool, and its gradient is ~9x faster
-  on XLA's CPU backend (measured: the CNN train step 1.65-1.87x faster)."""
+  on XLA's CPU backend (measured: the CNN train step 1.65-1.87x faster). Ties share the gradient
+  equally, as under `jnp.max`."""
   b, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return _max_pool_windows(x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c))
+
+
+@jax.custom_vjp
+def _max_pool_windows(windows: jax.Array) -> jax.Array:
+  """Max over axes 2 and 4. The forward stores which inputs are maxima, so the backward need not
+  recompute the input and its maxima from the BatchNorm-ReLU chain (CNN step 16.8 -> 16.4 ms)."""
+  return windows.max(axis=(2, 4))
+
+
+def _max_pool_windows_fwd(windows):
+  y = windows.max(axis=(2, 4))
+  return y, windows == y[:, :, None, :, None]
+
+
+def _max_pool_windows_bwd(is_max, grad):
+  share = is_max / is_max.sum(axis=(2, 4), keepdims=True, dtype=grad.dtype)
+  return (share * grad[:, :, None, :, None],)
+
+
+_max_pool_windows.defvjp(_max_pool_windows_fwd, _max_pool_windows_bwd)
 
 
 class SimpleCNN(nn.Module):
@@ -236,7 +256,7 @@ class SimpleCNN(nn.Module):
       x = conv(width, (3, 3), padding=_PAD1, name=f"conv{i + 1}")(x)
       x = nn.relu(norm(name=f"bn{i + 1}")(x))
       if i < 2:
-        x = _max_pool_2x2(x)
+        x = max_pool_2x2(x)
       features[f"conv{i + 1}"] = x
     return _classifier(x, self.num_classes, self.dtype), features
 

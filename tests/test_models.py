@@ -362,6 +362,28 @@ def test_cpu_batchnorm_trains_without_xla_reduce_windows():
   assert "reduce-window(" not in compiled_gradient(True)
 
 
+class MaxPoolTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((2, 6, 6, 3), (2, 7, 5, 3))
+  def test_max_pool_2x2_equals_jnp_max_in_value_and_gradient(self, *shape):
+    """Values of nn.max_pool; gradients of reshape + `jnp.max`, ties (here from rounding)
+    shared equally. Odd sizes drop the last row or column, as nn.max_pool's VALID padding."""
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2) / 2
+    weights = jax.random.normal(jax.random.key(1), (2, shape[1] // 2, shape[2] // 2, 3))
+
+    def reference(x):
+      b, h, w, c = x.shape
+      return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+    chex.assert_trees_all_equal(self.variant(models.max_pool_2x2)(x),
+                                nn.max_pool(x, (2, 2), strides=(2, 2)))
+    grads = [self.variant(jax.grad(lambda x, f=f: jnp.sum(f(x) * weights)))(x)
+             for f in (models.max_pool_2x2, reference)]
+    chex.assert_trees_all_close(*grads, rtol=1e-6)
+    assert weights.size < jnp.sum(grads[0] != 0)  # every window passes it on, some to ties
+
+
 def test_jitted_cnn_gradient_equals_op_by_op():
   """Jit must not change the gradient beyond rounding. The max-pool's gradient finds each maximum
   by comparing its input with its output, which XLA may evaluate in different fusions. With a
