@@ -278,6 +278,8 @@ class CpuLoweringTest(chex.TestCase):
       (3, (3, 3), 2, ((0, 1), (1, 2)), 1, True),    # patches, strided, uneven padding
       (6, (3, 3), 2, ((1, 1), (1, 1)), 1, False),   # materialized input
       (6, (1, 1), 2, "SAME", 1, False),             # materialized input
+      (6, (3, 3), 3, ((2, 0), (0, 1)), 1, True),    # input gradient by phases, one tap-less
+      (6, (2, 3), (2, 1), ((0, 1), (1, 1)), 1, False),
       (6, (1, 1), 1, "SAME", 1, True),              # plain: a matmul for XLA
       (6, (3, 3), 1, "SAME", 6, False),             # plain: depthwise
   )
