@@ -39,12 +39,13 @@ def _conv_and_norm(dtype: Dtype, train: bool) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free He-initialised conv and BatchNorm, computing in `dtype` with float32 params.
 
   No `axis_name`: data parallelism jits over a sharded global batch, so the batch statistics are
-  already global. On CPU the conv and BatchNorm take the lowerings XLA:CPU runs faster.
+  already global. On CPU the conv and BatchNorm take the lowerings XLA:CPU runs faster; out of
+  training (eval, or the frozen FMCE-Net in the RAL step) no kernel gradient is ever taken.
   """
   cpu = jax.default_backend() == "cpu"
   conv = functools.partial(
       nn.Conv, use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, param_dtype=jnp.float32,
-      conv_general_dilated=cpu_conv if cpu else None)
+      conv_general_dilated=functools.partial(cpu_conv, kernel_grad=train) if cpu else None)
   norm = functools.partial(
       BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
       param_dtype=jnp.float32, cpu_lowering=cpu)
@@ -71,14 +72,15 @@ materialize.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
 def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
              padding: str | Sequence[tuple[int, int]], *, lhs_dilation: Sequence[int],
              rhs_dilation: Sequence[int], dimension_numbers: jax.lax.ConvDimensionNumbers,
-             feature_group_count: int, precision: Any) -> jax.Array:
+             feature_group_count: int, precision: Any, kernel_grad: bool = True) -> jax.Array:
   """`nn.Conv`'s `jax.lax.conv_general_dilated` call (`nn.Conv(conv_general_dilated=...)`),
   lowered for XLA:CPU with the same values. Elsewhere XLA fuses well and the plain conv is best.
 
   Measured on CPU (docs/BENCHMARKS.md):
   - A 2-D conv over few input channels (a grey or RGB stem) is a matmul over its windows:
     Eigen's conv is slow there (the CNN's 1-channel stem: train step 20.7 -> 18.5 ms).
-  - Other dense convs with a window or a stride `materialize` their input (ResNet-18 1.18x).
+  - Other dense convs with a window or a stride `materialize` their input (ResNet-18 1.18x),
+    for the kernel gradient: not without `kernel_grad` (CNN RAL step 2% faster, its frozen head).
     Not a stride-1 1x1 conv: XLA makes it a matmul, whose kernel gradient needs no transpose;
     nor a depthwise conv, for which the identity matmul would cost more than the conv.
   - Strided dense convs take their input gradient by phases (`_strided_conv`).
@@ -96,7 +98,7 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     out = jnp.matmul(patches.reshape(-1, patches.shape[-1]), rhs.reshape(-1, rhs.shape[-1]),
                      precision=precision)
     return out.reshape(*patches.shape[:-1], rhs.shape[-1])
-  if math.prod(rhs.shape[:-2]) > 1 or max(window_strides) > 1:
+  if kernel_grad and (math.prod(rhs.shape[:-2]) > 1 or max(window_strides) > 1):
     lhs = materialize(lhs)
   if max(window_strides) > 1 and dimension_numbers == _NHWC:
     if isinstance(padding, str):

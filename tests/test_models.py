@@ -415,17 +415,26 @@ def test_jitted_cnn_gradient_equals_op_by_op():
 ])
 def test_cpu_conv_lowers_each_conv_where_it_pays(channels, kernel, strides, groups, lowering):
   x = jnp.ones((2, 8, 8, channels))
-  conv = nn.Conv(8, kernel, strides, padding=((1, 1), (1, 1)) if kernel[0] == 3 else "SAME",
-                 feature_group_count=groups, conv_general_dilated=models.cpu_conv)
-  variables = jax.eval_shape(conv.init, jax.random.key(0), x)
-  jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
-  got = ("conv" if "dot_general" not in jaxpr else
-         "materialize" if "conv_general_dilated" in jaxpr else "patches")
-  assert got == lowering
+
+  def lowered(kernel_grad):
+    conv = nn.Conv(8, kernel, strides, padding=((1, 1), (1, 1)) if kernel[0] == 3 else "SAME",
+                   feature_group_count=groups,
+                   conv_general_dilated=functools.partial(models.cpu_conv, kernel_grad=kernel_grad))
+    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
+    return ("conv" if "dot_general" not in jaxpr else
+            "materialize" if "conv_general_dilated" in jaxpr else "patches")
+
+  assert lowered(kernel_grad=True) == lowering
+  # Without a kernel gradient to feed, nothing is stored for it.
+  assert lowered(kernel_grad=False) == ("conv" if lowering == "materialize" else lowering)
 
 
 def test_models_take_the_cpu_lowerings_only_on_cpu():
-  conv, norm = models._conv_and_norm(jnp.float32, train=True)
   on_cpu = jax.default_backend() == "cpu"
-  assert (conv.keywords["conv_general_dilated"] is models.cpu_conv) == on_cpu
-  assert norm.keywords["cpu_lowering"] == on_cpu
+  for train in (True, False):
+    conv, norm = models._conv_and_norm(jnp.float32, train=train)
+    lowering = conv.keywords["conv_general_dilated"]
+    assert (lowering is not None) == on_cpu == norm.keywords["cpu_lowering"]
+    if on_cpu:
+      assert lowering.func is models.cpu_conv and lowering.keywords == {"kernel_grad": train}
