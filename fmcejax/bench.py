@@ -8,12 +8,12 @@ own, then timed one device-synchronised step at a time (`jax.block_until_ready`)
 batch; the input pipeline is timed separately. The RAL step is `train_with_head`: a frozen
 `models.FMCENet` on the backbone's `models.DEFAULT_MODULE` map, alpha 0.1 (convex, phase target).
 The PyTorch reference (`torch_ref`) runs on the same (first) device, eager and under
-`torch.compile`, from the same initial weights, in a child process: in one process the two
-frameworks' allocators and thread pools slow each other down (on CPU the JAX CNN step measured
-21 ms instead of 16.5, torch's 16.5 ms instead of 15). Timed steps of all contenders are interleaved
-in rounds so that load from other processes on a shared machine hits all of them alike; every figure
-is the median of the timed steps, warm-up excluded. JAX peak memory is the process high-water mark
-(`memory_stats`), read after each variant's warm-up.
+`torch.compile`, from the same initial weights, in a child process with its own heap and thread
+pools, as PyTorch users run it: in one process the JAX CNN step measured 21-22 ms in four
+interleaved runs of five, against 16.5-17 ms alone or with torch in a child process. Timed steps
+of all contenders are interleaved in rounds so that load from other processes on a shared machine
+hits all of them alike; every figure is the median of the timed steps, warm-up excluded. JAX peak
+memory is the process high-water mark (`memory_stats`), read after each variant's warm-up.
 """
 
 from __future__ import annotations

@@ -112,10 +112,11 @@ def _strided_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int],
                   padding: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:
   """An NHWC/HWIO conv whose input gradient is one stride-1 conv per output phase.
 
-  XLA convolves the output gradient dilated with zeros, and XLA:CPU spends (stride^2 - 1) / stride^2
-  of that conv's work on the zeros: ResNet-18's 32 -> 16 layer took 106 ms, against 51 ms by
-  phases (train step: ResNet-18 2.82 -> 2.78 s, ResNet-50 17.2 -> 16.6 s). Input position `s * i + a` only meets kernel taps `t` with `(a + pad - t) % s == 0`, so
-  each phase `a` is a small dense conv of the gradient with those taps (sub-pixel convolution).
+  XLA convolves the output gradient dilated with zeros, and XLA:CPU spends (s^2 - 1) / s^2 of that
+  conv's work on the zeros: ResNet-18's 32 -> 16 layer took 106 ms, against 51 ms by phases
+  (train step: ResNet-18 2.82 -> 2.78 s, ResNet-50 17.2 -> 16.6 s). Input position `s * i + a`
+  only meets kernel taps `t` with `(a + pad - t) % s == 0`, so each phase `a` is a small dense
+  conv of the gradient with those taps (sub-pixel convolution).
   """
   return jax.lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC,
                                       precision=precision)
