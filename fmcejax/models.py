@@ -118,6 +118,11 @@ def _strided_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int],
   only meets kernel taps `t` with `(a + pad - t) % s == 0`, so each phase `a` is a small dense
   conv of the gradient with those taps (sub-pixel convolution).
   """
+  return _nhwc_conv(lhs, rhs, strides, padding, precision)
+
+
+def _nhwc_conv(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int],
+               padding: Sequence[tuple[int, int]], precision: Any) -> jax.Array:
   return jax.lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC,
                                       precision=precision)
 
@@ -128,8 +133,7 @@ def _strided_conv_fwd(lhs, rhs, strides, padding, precision):
 
 def _strided_conv_bwd(strides, padding, precision, residuals, grad):
   lhs, rhs = residuals
-  _, kernel_vjp = jax.vjp(lambda w: jax.lax.conv_general_dilated(
-      lhs, w, strides, padding, dimension_numbers=_NHWC, precision=precision), rhs)
+  _, kernel_vjp = jax.vjp(lambda w: _nhwc_conv(lhs, w, strides, padding, precision), rhs)
   # One block per phase (a, b), each ceil(size / stride) long, interleaved, then cropped.
   size = [-(-n // s) for n, s in zip(lhs.shape[1:3], strides)]
   phases = [[_phase(a, k, s, lo, m, out) for a in range(s)] for k, s, (lo, _), m, out in zip(
@@ -142,8 +146,7 @@ def _strided_conv_bwd(strides, padding, precision, residuals, grad):
         blocks.append(jnp.zeros((lhs.shape[0], *size, lhs.shape[3]), grad.dtype))
         continue
       kernel = jnp.swapaxes(rhs[row[0]][:, col[0]], 2, 3)
-      blocks.append(jax.lax.conv_general_dilated(
-          grad, kernel, (1, 1), (row[1], col[1]), dimension_numbers=_NHWC, precision=precision))
+      blocks.append(_nhwc_conv(grad, kernel, (1, 1), (row[1], col[1]), precision))
     rows.append(jnp.stack(blocks, axis=3).reshape(lhs.shape[0], size[0], -1, lhs.shape[3]))
   grad_lhs = jnp.stack(rows, axis=2).reshape(lhs.shape[0], size[0] * strides[0], -1, lhs.shape[3])
   return grad_lhs[:, :lhs.shape[1], :lhs.shape[2]].astype(lhs.dtype), kernel_vjp(grad)[0]
