@@ -282,6 +282,8 @@ class CpuLoweringTest(chex.TestCase):
       (6, (2, 3), (2, 1), ((0, 1), (1, 1)), 1, False),
       (6, (1, 1), 1, "SAME", 1, True),              # plain: a matmul for XLA
       (6, (3, 3), 1, "SAME", 6, False),             # plain: depthwise
+      (6, (3, 3), 1, ((2, 2), (2, 1)), 1, True),    # padding taps skipped (30% of them)
+      (6, (3, 2), 1, ((2, 2), (1, 1)), 1, False),   # ... with an even kernel
   )
   def test_cpu_conv_equals_nn_conv(self, channels, kernel, strides, padding, groups, bias):
     x = jax.random.normal(jax.random.key(1), (2, 9, 8, channels))
@@ -405,16 +407,19 @@ def test_jitted_cnn_gradient_equals_op_by_op():
                               rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels, kernel, strides, groups, lowering", [
-    (1, (3, 3), 1, 1, "patches"),        # Eigen is slow on few input channels
-    (3, (3, 3), 2, 1, "patches"),
-    (4, (3, 3), 1, 1, "materialize"),    # kernel gradient reads the input transposed
-    (8, (1, 1), 2, 1, "materialize"),    # strided 1x1: still a convolution for XLA
-    (8, (1, 1), 1, 1, "conv"),           # a matmul for XLA: no transpose to feed
-    (8, (3, 3), 1, 8, "conv"),           # depthwise: the identity matmul would cost more
+@pytest.mark.parametrize("size, channels, kernel, strides, groups, lowering", [
+    (8, 1, (3, 3), 1, 1, "patches"),        # Eigen is slow on few input channels
+    (8, 3, (3, 3), 2, 1, "patches"),
+    (8, 4, (3, 3), 1, 1, "materialize"),    # kernel gradient reads the input transposed
+    (8, 8, (1, 1), 2, 1, "materialize"),    # strided 1x1: still a convolution for XLA
+    (8, 8, (1, 1), 1, 1, "conv"),           # a matmul for XLA: no transpose to feed
+    (8, 8, (3, 3), 1, 8, "conv"),           # depthwise: the identity matmul would cost more
+    (4, 8, (3, 3), 1, 1, "taps"),           # 31% of the taps on padding (ResNet stage 4)
+    (4, 8, (3, 3), 2, 1, "materialize"),    # strided: input gradient by phases instead
 ])
-def test_cpu_conv_lowers_each_conv_where_it_pays(channels, kernel, strides, groups, lowering):
-  x = jnp.ones((2, 8, 8, channels))
+def test_cpu_conv_lowers_each_conv_where_it_pays(size, channels, kernel, strides, groups,
+                                                 lowering):
+  x = jnp.ones((2, size, size, channels))
 
   def lowered(kernel_grad):
     conv = nn.Conv(8, kernel, strides, padding=((1, 1), (1, 1)) if kernel[0] == 3 else "SAME",
@@ -422,7 +427,7 @@ def test_cpu_conv_lowers_each_conv_where_it_pays(channels, kernel, strides, grou
                    conv_general_dilated=functools.partial(models.cpu_conv, kernel_grad=kernel_grad))
     variables = jax.eval_shape(conv.init, jax.random.key(0), x)
     jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
-    return ("conv" if "dot_general" not in jaxpr else
+    return ("taps" if "scatter-add" in jaxpr else "conv" if "dot_general" not in jaxpr else
             "materialize" if "conv_general_dilated" in jaxpr else "patches")
 
   assert lowered(kernel_grad=True) == lowering
