@@ -381,6 +381,51 @@ def _max_pool_windows_bwd(is_max, grad):
 _max_pool_windows.defvjp(_max_pool_windows_fwd, _max_pool_windows_bwd)
 
 
+def _pools_by_phases(x: jax.Array) -> bool:
+  """Whether a 3x3 conv-BN-ReLU block pooling 2x2 takes `pooling_phases` on input `x`: on CPU, for
+  the convs `cpu_conv` multiplies as patches (few input channels), and even sizes (odd ones would
+  drop the last row and column from the batch statistics). Measured on the CNN's 28x28x1 -> 16
+  stem block, train fwd + bwd: 4.8 -> 2.9 ms. Wider convs lose: their input gradient by phases
+  costs more than the pooling saves."""
+  return (jax.default_backend() == "cpu" and math.prod(x.shape[3:]) * 9 <= _MAX_PATCH
+          and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0)
+
+
+def pooling_phases(x: jax.Array) -> jax.Array:
+  """[N, H, W, C] -> [4N, H + 1, W + 1, C], H and W even: the input padded by 1 and shifted by each
+  2x2 pooling phase (a, b), phase-major on the batch axis. An unpadded 3x3 stride-2 conv of phase
+  (a, b) gives the padded stride-1 conv's outputs at rows 2i + a, columns 2j + b, so
+  `max_over_phases` of the block's output is its 2x2 max-pool.
+
+  XLA:CPU's pool reads each window across rows of the NHWC map, recomputing the BatchNorm-ReLU
+  chain in every reader; here a window's four members are four contiguous blocks.
+  """
+  _, h, w, _ = x.shape
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.concatenate([x[:, a:a + h + 1, b:b + w + 1] for a in (0, 1) for b in (0, 1)])
+
+
+@jax.custom_vjp
+def max_over_phases(x: jax.Array) -> jax.Array:
+  """[4N, ...] -> [N, ...]: the maximum over the four phase blocks of `pooling_phases`. Ties share
+  the gradient equally, as in `max_pool_2x2`."""
+  return x.reshape(4, -1, *x.shape[1:]).max(axis=0)
+
+
+def _max_over_phases_fwd(x):
+  phases = x.reshape(4, -1, *x.shape[1:])
+  y = phases.max(axis=0)
+  return y, phases == y
+
+
+def _max_over_phases_bwd(is_max, grad):
+  share = is_max / is_max.sum(axis=0, dtype=grad.dtype)
+  return ((share * grad).reshape(-1, *grad.shape[1:]),)
+
+
+max_over_phases.defvjp(_max_over_phases_fwd, _max_over_phases_bwd)
+
+
 class SimpleCNN(nn.Module):
   """Three conv-BN-ReLU blocks (~24k params): ~98.6% on MNIST in 3 epochs, ~7.3k images/s on 2 CPU
   cores."""
@@ -393,10 +438,16 @@ class SimpleCNN(nn.Module):
     conv, norm = _conv_and_norm(self.dtype, train)
     features = {}
     for i, width in enumerate(self.widths):
-      x = conv(width, (3, 3), padding=_PAD1, name=f"conv{i + 1}")(x)
-      x = nn.relu(norm(name=f"bn{i + 1}")(x))
-      if i < 2:
-        x = max_pool_2x2(x)
+      pool = i < 2
+      if pool and _pools_by_phases(x):
+        x = conv(width, (3, 3), 2, padding=((0, 0), (0, 0)), name=f"conv{i + 1}")(
+            pooling_phases(x))
+        x = max_over_phases(nn.relu(norm(name=f"bn{i + 1}")(x)))
+      else:
+        x = conv(width, (3, 3), padding=_PAD1, name=f"conv{i + 1}")(x)
+        x = nn.relu(norm(name=f"bn{i + 1}")(x))
+        if pool:
+          x = max_pool_2x2(x)
       features[f"conv{i + 1}"] = x
     return _classifier(x, self.num_classes, self.dtype), features
 

@@ -8,6 +8,7 @@ passes run once per backbone, with the variables cached, so the file stays fast 
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import chex
 import jax
@@ -386,6 +387,60 @@ class MaxPoolTest(chex.TestCase):
              for f in (models.max_pool_2x2, reference)]
     chex.assert_trees_all_close(*grads, rtol=1e-6)
     assert weights.size < jnp.sum(grads[0] != 0)  # every window passes it on, some to ties
+
+
+class PoolingPhasesTest(chex.TestCase):
+  """The CNN's stem on CPU convolves the four pooling phases at stride 2 (`pooling_phases`,
+  `max_over_phases`): the same numbers as the padded conv and `max_pool_2x2`."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((1, 6, 8), (3, 4, 4))
+  def test_conv_over_phases_then_max_equals_conv_then_max_pool(self, channels, h, w):
+    x = jnp.round(jax.random.normal(jax.random.key(0), (2, h, w, channels)) * 2) / 2
+    kernel = jnp.round(jax.random.normal(jax.random.key(1), (3, 3, channels, 5)) * 2) / 2
+    weights = jax.random.normal(jax.random.key(2), (2, h // 2, w // 2, 5))
+    conv = lambda x, k, s, p: jax.lax.conv_general_dilated(
+        x, k, (s, s), p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def by_phases(x, k):
+      return models.max_over_phases(jax.nn.relu(conv(models.pooling_phases(x), k, 2, "VALID")))
+
+    def reference(x, k):
+      return models.max_pool_2x2(jax.nn.relu(conv(x, k, 1, ((1, 1), (1, 1)))))
+
+    got, want = (self.variant(jax.value_and_grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights),
+                                                 argnums=(0, 1)))(x, kernel)
+                 for f in (by_phases, reference))
+    chex.assert_shape(by_phases(x, kernel), (2, h // 2, w // 2, 5))
+    # Halves and small integers: exact products, so ties (shared equally) are ties in both.
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
+  def test_cnn_takes_phases_where_they_pay(self):
+    on_cpu = jax.default_backend() == "cpu"
+    assert models._pools_by_phases(jnp.zeros((2, 28, 28, 1))) == on_cpu
+    assert models._pools_by_phases(jnp.zeros((2, 32, 32, 3))) == on_cpu
+    assert not models._pools_by_phases(jnp.zeros((2, 14, 14, 16)))  # input gradient by phases
+    assert not models._pools_by_phases(jnp.zeros((2, 27, 28, 1)))  # odd: statistics would differ
+
+  def test_cnn_with_phases_equals_cnn_without(self):
+    """Logits, features, batch statistics and gradients, in training mode; only the summation
+    order of the batch statistics differs."""
+    model, variables, _ = _initialised("cnn", RUN_SHAPE["cnn"])
+    x = jax.random.normal(jax.random.key(3), (4, *RUN_SHAPE["cnn"][1:]))
+
+    def train_apply(params):
+      (logits, features), state = model.apply({**variables, "params": params}, x, train=True,
+                                              mutable=["batch_stats"])
+      return jnp.sum(jnp.tanh(logits)), (logits, features, state)
+
+    step = lambda: jax.jit(jax.value_and_grad(train_apply, has_aux=True))(variables["params"])
+    if not models._pools_by_phases(x):
+      pytest.skip("the CNN takes pooling phases on CPU only")
+    with_phases = step()
+    with mock.patch.object(models, "_pools_by_phases", lambda x: False):
+      without = step()
+    chex.assert_trees_all_equal_structs(with_phases, without)
+    chex.assert_trees_all_close(with_phases, without, rtol=1e-5, atol=1e-5)
 
 
 def test_jitted_cnn_gradient_equals_op_by_op():
