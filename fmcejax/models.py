@@ -393,34 +393,36 @@ def _pools_by_phases(x: jax.Array) -> bool:
 
 def pooling_phases(x: jax.Array) -> jax.Array:
   """[N, H, W, C] -> [4N, H + 1, W + 1, C], H and W even: the input padded by 1 and shifted by each
-  2x2 pooling phase (a, b), phase-major on the batch axis. An unpadded 3x3 stride-2 conv of phase
-  (a, b) gives the padded stride-1 conv's outputs at rows 2i + a, columns 2j + b, so
-  `max_over_phases` of the block's output is its 2x2 max-pool.
+  2x2 pooling phase (a, b), an image's four phases next to each other on the batch axis (so a
+  sharded batch stays on its devices). An unpadded 3x3 stride-2 conv of phase (a, b) gives the
+  padded stride-1 conv's outputs at rows 2i + a, columns 2j + b, so `max_over_phases` of the
+  block's output is its 2x2 max-pool.
 
   XLA:CPU's pool reads each window across rows of the NHWC map, recomputing the BatchNorm-ReLU
   chain in every reader; here a window's four members are four contiguous blocks.
   """
-  _, h, w, _ = x.shape
+  _, h, w, c = x.shape
   x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.concatenate([x[:, a:a + h + 1, b:b + w + 1] for a in (0, 1) for b in (0, 1)])
+  return jnp.stack([x[:, a:a + h + 1, b:b + w + 1] for a in (0, 1) for b in (0, 1)],
+                   axis=1).reshape(-1, h + 1, w + 1, c)
 
 
 @jax.custom_vjp
 def max_over_phases(x: jax.Array) -> jax.Array:
-  """[4N, ...] -> [N, ...]: the maximum over the four phase blocks of `pooling_phases`. Ties share
-  the gradient equally, as in `max_pool_2x2`."""
-  return x.reshape(4, -1, *x.shape[1:]).max(axis=0)
+  """[4N, ...] -> [N, ...]: the maximum over each image's four phases from `pooling_phases`. Ties
+  share the gradient equally, as in `max_pool_2x2`."""
+  return x.reshape(-1, 4, *x.shape[1:]).max(axis=1)
 
 
 def _max_over_phases_fwd(x):
-  phases = x.reshape(4, -1, *x.shape[1:])
-  y = phases.max(axis=0)
-  return y, phases == y
+  phases = x.reshape(-1, 4, *x.shape[1:])
+  y = phases.max(axis=1)
+  return y, phases == y[:, None]
 
 
 def _max_over_phases_bwd(is_max, grad):
-  share = is_max / is_max.sum(axis=0, dtype=grad.dtype)
-  return ((share * grad).reshape(-1, *grad.shape[1:]),)
+  share = is_max / is_max.sum(axis=1, keepdims=True, dtype=grad.dtype)
+  return ((share * grad[:, None]).reshape(-1, *grad.shape[1:]),)
 
 
 max_over_phases.defvjp(_max_over_phases_fwd, _max_over_phases_bwd)

@@ -415,6 +415,18 @@ class PoolingPhasesTest(chex.TestCase):
     # Halves and small integers: exact products, so ties (shared equally) are ties in both.
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
+  def test_phases_keep_a_sharded_batch_on_its_devices(self):
+    """An image's four phases sit next to it on the batch axis, so data parallelism needs no
+    collective for them (phase-major blocks needed all-to-alls)."""
+    mesh = parallel.make_mesh()
+    x = jax.device_put(jnp.ones((2 * mesh.size, 6, 6, 1)), parallel.batch_sharding(mesh))
+    f = jax.jit(lambda x: jax.grad(lambda x: jnp.sum(
+        models.max_over_phases(models.pooling_phases(x)[:, 1:, 1:]) ** 2))(x),
+                out_shardings=parallel.batch_sharding(mesh))
+    hlo = f.lower(x).compile().as_text()
+    for op in ("all-to-all", "all-gather", "collective-permute", "all-reduce"):
+      assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
+
   def test_cnn_takes_phases_where_they_pay(self):
     on_cpu = jax.default_backend() == "cpu"
     assert models._pools_by_phases(jnp.zeros((2, 28, 28, 1))) == on_cpu
