@@ -358,27 +358,29 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   on XLA's CPU backend (measured: the CNN train step 1.65-1.87x faster). Ties share the gradient
   equally, as under `jnp.max`."""
   b, h, w, c = x.shape
-  return _max_pool_windows(x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c))
+  windows = x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  return _max_storing_maxima(windows, (2, 4))
 
 
-@jax.custom_vjp
-def _max_pool_windows(windows: jax.Array) -> jax.Array:
-  """Max over axes 2 and 4. The forward stores which inputs are maxima, so the backward need not
-  recompute the input and its maxima from the BatchNorm-ReLU chain (CNN step 1-2% faster)."""
-  return windows.max(axis=(2, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_storing_maxima(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Max over `axes`, ties sharing the gradient equally. The forward stores which inputs are
+  maxima, so the backward need not recompute the input and its maxima from the BatchNorm-ReLU
+  chain (CNN step 1-2% faster)."""
+  return x.max(axis=axes)
 
 
-def _max_pool_windows_fwd(windows):
-  y = windows.max(axis=(2, 4))
-  return y, windows == y[:, :, None, :, None]
+def _max_storing_maxima_fwd(x, axes):
+  y = x.max(axis=axes)
+  return y, x == jnp.expand_dims(y, axes)
 
 
-def _max_pool_windows_bwd(is_max, grad):
-  share = is_max / is_max.sum(axis=(2, 4), keepdims=True, dtype=grad.dtype)
-  return (share * grad[:, :, None, :, None],)
+def _max_storing_maxima_bwd(axes, is_max, grad):
+  share = is_max / is_max.sum(axis=axes, keepdims=True, dtype=grad.dtype)
+  return (share * jnp.expand_dims(grad, axes),)
 
 
-_max_pool_windows.defvjp(_max_pool_windows_fwd, _max_pool_windows_bwd)
+_max_storing_maxima.defvjp(_max_storing_maxima_fwd, _max_storing_maxima_bwd)
 
 
 def _pools_by_phases(x: jax.Array) -> bool:
@@ -407,25 +409,10 @@ def pooling_phases(x: jax.Array) -> jax.Array:
                    axis=1).reshape(-1, h + 1, w + 1, c)
 
 
-@jax.custom_vjp
 def max_over_phases(x: jax.Array) -> jax.Array:
   """[4N, ...] -> [N, ...]: the maximum over each image's four phases from `pooling_phases`. Ties
   share the gradient equally, as in `max_pool_2x2`."""
-  return x.reshape(-1, 4, *x.shape[1:]).max(axis=1)
-
-
-def _max_over_phases_fwd(x):
-  phases = x.reshape(-1, 4, *x.shape[1:])
-  y = phases.max(axis=1)
-  return y, phases == y[:, None]
-
-
-def _max_over_phases_bwd(is_max, grad):
-  share = is_max / is_max.sum(axis=1, keepdims=True, dtype=grad.dtype)
-  return ((share * grad[:, None]).reshape(-1, *grad.shape[1:]),)
-
-
-max_over_phases.defvjp(_max_over_phases_fwd, _max_over_phases_bwd)
+  return _max_storing_maxima(x.reshape(-1, 4, *x.shape[1:]), (1,))
 
 
 class SimpleCNN(nn.Module):
