@@ -1,10 +1,12 @@
 """CIFAR-10, ResNet-50 (CIFAR variant): the paper's headline setting (+1.16 pp).
 
-Recipe `config_lib.cifar_recipe`; offline here: --config.dataset=cifar10_jpeg.
+The recipe of `cifar10_resnet18.py`. Offline here: --config.dataset=cifar10_jpeg.
 """
 
-from fmcejax import config_lib
+from fmcejax.configs import cifar10_resnet18
 
 
 def get_config():
-  return config_lib.cifar_recipe("cifar10", "resnet50")
+  c = cifar10_resnet18.get_config()
+  c.backbone = "resnet50"
+  return c

@@ -1,10 +1,12 @@
-"""Fashion-MNIST, small CNN: the default job's recipe on a harder dataset; CPU-sized.
+"""Fashion-MNIST, small CNN: the default job's recipe (`mnist_cnn.py`) on a harder dataset.
 
 Offline sources: ../shared/data/fashion_mnist (official bytes) or Debian's dataset-fashion-mnist.
 """
 
-from fmcejax import config_lib
+from fmcejax.configs import mnist_cnn
 
 
 def get_config():
-  return config_lib.small_cnn_recipe("fashion_mnist")
+  c = mnist_cnn.get_config()
+  c.dataset = "fashion_mnist"
+  return c

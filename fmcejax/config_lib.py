@@ -1,8 +1,8 @@
-"""The config schema (`base_config`, every field with its default) and its validation.
+"""Config validation: every field, and the checks that span fields, before anything compiles.
 
-Every bad value is caught here, before anything compiles: each check raises `ConfigError` naming
-the field, the value and what is accepted; the CLI turns it into one paragraph on stderr and exit
-status 2.
+The schema with its defaults is `configs/default.py` (installed as `fmcejax.configs.default`).
+Each check raises `ConfigError` naming the field, the value and what is accepted; the CLI turns it
+into one paragraph on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,105 +23,9 @@ OPTIMIZERS = ("sgd", "adamw")
 AUGMENT = ("auto", "on", "off")
 NAN_POLICIES = ("error", "skip")
 # Fields that do not change results: a finished workdir may be re-run with other values.
-RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "checkpoint_every_steps",
-                   "keep_checkpoints", "log_every", "progress_bar", "nan_policy", "input_workers")
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """Every field a run has, with METHOD.md's defaults; files in configs/ override them.
-
-  Fields marked [choice] are our reconstruction of the method, not the paper's exact recipe.
-  """
-  c = ml_collections.ConfigDict()
-  c.dataset = "mnist"            # mnist | fashion_mnist | cifar10 | cifar10_jpeg | cifar100
-  c.backbone = "cnn"             # cnn | resnet18 | resnet50 | shufflenet_v2
-  c.module = ""                  # backbone stage the FMCE-Net reads; "" = last before pooling
-  c.stages = "all"               # "all" or a comma list of probe,cqi,fmcs_data,fmce_net,...
-  c.seeds = "3"                  # a count (3 -> 0,1,2) or a comma list ("0,4,7")
-  c.data_dir = ""                # offline archives; "" = search ./data, ../shared/data, ...
-  c.tfds_data_dir = ""           # prepared tfds datasets; "" = tfds default
-  c.train_examples_limit = 0     # 0 = the whole split
-  c.test_examples_limit = 0
-  c.augment = "auto"             # auto (crop+flip for CIFAR) | on | off
-  c.input_workers = "auto"       # grain worker processes: auto (see parse_input_workers) | N
-  c.dtype = "float32"            # compute dtype; parameters stay float32
-
-  # Recipe of the backbone runs (probe, baseline, fmcenetpp).
-  c.epochs = 2
-  c.batch_size = 128             # global, split over every device of every host
-  c.eval_batch_size = 1000
-  c.optimizer = "sgd"            # sgd (momentum, nesterov) | adamw
-  c.learning_rate = 0.1          # peak, for batch_size
-  c.lr_schedule = "cosine"       # cosine | constant, after a linear warm-up
-  c.warmup_epochs = 0.5
-  c.momentum = 0.9
-  c.nesterov = True
-  c.weight_decay = 5e-4          # on kernels only
-
-  # Representation Auxiliary Loss [choice: convex form, target = the last phase].
-  c.alpha = 0.1
-  c.alpha_schedule = "constant"  # constant | linear (0 -> alpha) | cosine (alpha -> 0)
-  c.ral = "convex"               # convex: (1-a)CE + a*L_conv | additive: CE + a*L_conv
-  c.ral_target = "phase"         # phase: CE to phase K-1 | regression: (1 - FMCS)^2
-
-  # Probe run and convergence (METHOD steps 1-3).
-  c.probe = ml_collections.ConfigDict()
-  c.probe.epochs = 20
-  c.probe.train_examples_limit = 0
-  c.probe.stop_at_convergence = True
-  c.cqi = ml_collections.ConfigDict()
-  c.cqi.beta = 0.9
-  c.cqi.window = 5
-  c.cqi.mu_rel = 1e-3
-  c.num_phases = 5               # K
-  c.fmcs = ml_collections.ConfigDict()
-  c.fmcs.subset_size = 5000
-  c.fmcs.holdout_fraction = 0.2
-  c.fmcs.storage_dtype = "bfloat16"
-
-  # FMCE-Net (METHOD step 4).
-  c.fmce_net = ml_collections.ConfigDict()
-  c.fmce_net.width = 64
-  c.fmce_net.depth = 2
-  c.fmce_net.epochs = 10
-  c.fmce_net.batch_size = 256
-  c.fmce_net.learning_rate = 1e-3
-  c.fmce_net.weight_decay = 1e-4
-
-  # Checkpoints and logging.
-  c.checkpoint_every_steps = 0   # 0 = at the end of every epoch only
-  c.keep_checkpoints = 2
-  c.log_every = 50               # steps between host syncs of the metrics
-  c.progress_bar = True
-  c.nan_policy = "error"         # error: stop at a non-finite loss/gradient | skip: drop the batch
-  return c
-
-
-def small_cnn_recipe(dataset: str) -> ml_collections.ConfigDict:
-  """The CPU-sized recipe of configs/mnist_cnn.py and fashion_mnist_cnn.py.
-
-  Probe: up to 60 short epochs of 2,000 images, stopped once CQI says converged, so the K=5
-  markers span a real loss curve cheaply. Baseline and FMCE-Net++: 3 full epochs, SGD + nesterov,
-  lr 0.1, cosine, batch 128.
-  """
-  c = base_config()
-  c.dataset, c.backbone = dataset, "cnn"
-  c.epochs, c.batch_size, c.learning_rate, c.weight_decay = 3, 128, 0.1, 5e-4
-  c.probe.epochs, c.probe.train_examples_limit = 60, 2000
-  c.fmce_net.epochs = 5
-  return c
-
-
-def cifar_recipe(dataset: str, backbone: str) -> ml_collections.ConfigDict:
-  """The accelerator recipe of the CIFAR configs: SGD 0.1 nesterov at batch 128, wd 5e-4,
-  1 warm-up epoch then cosine, crop+flip, bfloat16 compute, 100 epochs; probe on 10,000 images."""
-  c = base_config()
-  c.dataset, c.backbone, c.dtype = dataset, backbone, "bfloat16"
-  c.epochs, c.batch_size, c.learning_rate, c.weight_decay = 100, 128, 0.1, 5e-4
-  c.warmup_epochs = 1.0
-  c.probe.epochs, c.probe.train_examples_limit = 100, 10000
-  c.fmce_net.epochs = 10
-  return c
+RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "download",
+                   "checkpoint_every_steps", "keep_checkpoints", "log_every", "progress_bar",
+                   "nan_policy", "input_workers")
 
 
 class ConfigError(ValueError):
@@ -264,8 +168,60 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                         "The global batch is split evenly over every device.")
     if value % process_count:
       raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
+  _check_sizes(config, input_pipeline.DATASET_INFO[config.dataset].num_train)
   if check_data:
     _check_data(config)
+
+
+def _check_sizes(config: ml_collections.ConfigDict, num_train: int) -> None:
+  """The checks that span fields, for the stages that run: every training run has a full global
+  batch per epoch, and the FMCS-Dataset's train split a full FMCE-Net batch."""
+  stages = parse_stages(config.stages)
+  pool = min(config.probe.train_examples_limit or num_train, num_train)
+  if "probe" in stages and config.batch_size > pool:
+    raise ConfigError("batch_size", config.batch_size, f"at most {pool}, the probe's training "
+                      "examples (probe.train_examples_limit, or the whole split)",
+                      "Each epoch needs one full global batch.")
+  used = min(config.train_examples_limit or num_train, num_train)
+  if {"baseline", "fmcenetpp"} & set(stages) and config.batch_size > used:
+    raise ConfigError("batch_size", config.batch_size, f"at most {used}, the training examples "
+                      "(train_examples_limit, or the whole split)",
+                      "Each epoch needs one full global batch.")
+  if "fmce_net" in stages:
+    _check_fmcs_sizes(config, pool)
+
+
+def _fmcs_train_images(n: int, holdout_fraction: float) -> int:
+  """Images left for FMCE-Net training out of `n` (as `fmcs_data.split_images` splits them)."""
+  return n - max(1, int(round(n * holdout_fraction)))
+
+
+def _check_fmcs_sizes(config: ml_collections.ConfigDict, pool: int) -> None:
+  """Names the field to change when the FMCS train split has no full FMCE-Net batch: the batch
+  if no subset could fill it, else the held-out share if the subset could, else the subset."""
+  k, batch, fmcs = config.num_phases, config.fmce_net.batch_size, config.fmcs
+  n = min(fmcs.subset_size, pool)
+  rows = k * _fmcs_train_images(n, fmcs.holdout_fraction)
+  if rows >= batch:
+    return
+  why = (f"The FMCE-Net trains on {k} phases x {max(rows // k, 0)} images = {rows} rows "
+         f"(fmcs.subset_size {fmcs.subset_size} of {pool} probe images, fmcs.holdout_fraction "
+         f"{fmcs.holdout_fraction} held out), fewer than one global fmce_net.batch_size of "
+         f"{batch}.")
+  needed = -(-batch // k)  # training images for one full batch
+  if needed > pool - 1:
+    raise ConfigError("fmce_net.batch_size", batch,
+                      f"at most {k * (pool - 1)} (num_phases x the probe images but one)", why)
+  smallest = next((m for m in range(needed + 1, pool + 1)
+                   if _fmcs_train_images(m, fmcs.holdout_fraction) >= needed), None)
+  if needed <= n - 1 or smallest is None:
+    m = n if needed <= n - 1 else pool
+    raise ConfigError("fmcs.holdout_fraction", fmcs.holdout_fraction,
+                      f"at most {(m - needed) / m:.4g}, leaving {needed} of {m} images for "
+                      "training", why)
+  raise ConfigError("fmcs.subset_size", fmcs.subset_size,
+                    f"at least {smallest} with fmcs.holdout_fraction {fmcs.holdout_fraction} "
+                    "(or a smaller fmce_net.batch_size)", why)
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:

@@ -97,6 +97,12 @@ def converged_epoch(cqi_values: Sequence[float], threshold: float) -> int | None
     return int(np.argmax(below)) + 1
 
 
+def converged_past(losses: Sequence[float], *, beta: float, window: int, mu_rel: float, k: int) -> bool:
+    """Whether a probe may stop now: CQI has converged, at an epoch that leaves room for K markers."""
+    t_c = converged_epoch(cqi(losses, beta, window), mu_rel * losses[0])
+    return t_c is not None and t_c >= k
+
+
 def phase_markers(converged_epoch: int, k: int) -> tuple[int, ...]:
     """Epoch markers e_k = round_half_up(k*T_c/K), k = 1..K; strictly increasing, e_K = T_c.
 

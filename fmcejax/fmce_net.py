@@ -7,8 +7,6 @@ is a classifier of feature maps into phases. Its own recipe: AdamW, cosine, `con
 from __future__ import annotations
 
 import dataclasses
-import functools
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -17,9 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh
 
-from fmcejax import config_lib, fmcs_data, input_pipeline, models, parallel, steps, trainer
+from fmcejax import evaluation, fmcs_data, input_pipeline, models, parallel, steps, trainer
+
+HEADS = ("trained", "shuffled", "random")  # a study's head kinds; see `head`
 
 
 class _PhaseClassifier(nn.Module):
@@ -39,43 +40,38 @@ def _as_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
 
 
-def train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
-          loop: trainer.LoopOptions) -> dict[str, Any]:
-  """Trains the FMCE-Net, evaluates it on held-out images, saves `fmce_net/head`."""
+def train(config: ml_collections.ConfigDict, data_dir: epath.Path, out: epath.Path, mesh: Mesh,
+          loop: trainer.LoopOptions, *, seed: int, labels: str = "phase") -> dict[str, Any]:
+  """Trains the FMCE-Net on the FMCS-Dataset in `data_dir` (its phase labels, or shuffled ones),
+  evaluates it on held-out images with their true phases, saves `out/head`."""
   c = config.fmce_net
-  data_dir = workdir / "fmcs_data"
-  train_source = fmcs_data.Source(data_dir, "train")
+  train_source = fmcs_data.Source(data_dir, "train", labels)
   holdout = fmcs_data.dataset(data_dir, "holdout")
   k = train_source.num_phases
-  seed = config_lib.parse_seeds(config.seeds)[0]
-  pidx, pcount = jax.process_index(), jax.process_count()
   spe = input_pipeline.steps_per_epoch(len(train_source), c.batch_size)
   lr = steps.learning_rate_schedule(c.learning_rate, "cosine", spe // 2, spe * c.epochs)
-  tx = steps.create_optimizer("adamw", lr, weight_decay=c.weight_decay)
-  eval_batch = c.batch_size
+  batches = input_pipeline.epoch_batches(
+      fmcs_data.dataset(data_dir, "train", labels), global_batch=c.batch_size, epochs=c.epochs,
+      seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
   job = trainer.Job(
       model=_PhaseClassifier(_head_model(config, k, jnp.float32)), preprocess=_as_float,
       input_shape=train_source.feature_shape,
-      train_data=input_pipeline.epoch_batches(
-          fmcs_data.dataset(data_dir, "train"), global_batch=c.batch_size, epochs=c.epochs,
-          seed=seed, process_index=pidx, process_count=pcount),
-      steps_per_epoch=spe, epochs=c.epochs, global_batch=c.batch_size, tx=tx,
-      learning_rate=lr, seed=seed,
-      identity={"role": "fmce_net", "num_phases": k, "width": c.width, "depth": c.depth,
-                "epochs": c.epochs, "batch_size": c.batch_size},
-      eval_data=lambda: input_pipeline.padded_batches(
-          holdout, global_batch=eval_batch, process_index=pidx, process_count=pcount),
-      eval_each_epoch=True)
-  result = trainer.fit(job, workdir / "fmce_net" / "run", mesh,
-                       dataclasses.replace(loop, description="fmce_net"))
+      train_data=input_pipeline.HostBatches(batches, mesh), steps_per_epoch=spe,
+      epochs=c.epochs, global_batch=c.batch_size,
+      tx=steps.create_optimizer("adamw", lr, weight_decay=c.weight_decay), learning_rate=lr,
+      seed=seed, identity={"role": "fmce_net", "num_phases": k, "width": c.width,
+                           "depth": c.depth, "epochs": c.epochs, "batch_size": c.batch_size},
+      eval_data=holdout, eval_batch_size=c.batch_size)
+  result = trainer.fit(job, out / "run", mesh, dataclasses.replace(loop, description="fmce_net"))
   state = result.pop("state")
   variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
   result.update(evaluate(_head_model(config, k, jnp.float32), variables, holdout, mesh,
-                         eval_batch))
+                         c.batch_size))
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save((workdir / "fmce_net" / "head").absolute(), variables, force=True)
+  ckpt.save(out.absolute() / "head", variables, force=True)
   ckpt.wait_until_finished()
-  result.update({"num_phases": k, "feature_shape": list(train_source.feature_shape),
+  result.update({"num_phases": k, "labels": labels,
+                 "feature_shape": list(train_source.feature_shape),
                  "train_rows": len(train_source), "holdout_rows": len(holdout)})
   return result
 
@@ -84,10 +80,7 @@ def evaluate(model: models.FMCENet, variables: Any, holdout, mesh: Mesh,
              global_batch: int) -> dict[str, Any]:
   """Phase accuracy, FMCS mean absolute error and the confusion matrix on held-out images."""
   k = model.num_phases
-  repl = parallel.replicated(mesh)
 
-  @functools.partial(jax.jit, in_shardings=(repl, parallel.batch_sharding(mesh)),
-                     out_shardings=repl, compiler_options=parallel.compiler_options(mesh))
   def sums(v, batch):
     logits = model.apply(v, batch["image"].astype(jnp.float32), train=False)
     mask = batch["mask"]
@@ -97,31 +90,27 @@ def evaluate(model: models.FMCENet, variables: Any, holdout, mesh: Mesh,
     return {"confusion": onehot.T @ jax.nn.one_hot(pred, k), "abs_err": (err * mask).sum(),
             "count": mask.sum()}
 
-  variables = parallel.replicate(variables, mesh)
-  total = None
-  for local in input_pipeline.padded_batches(holdout, global_batch=global_batch,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count()):
-    out = sums(variables, parallel.global_batch(local, mesh))
-    total = out if total is None else jax.tree.map(jnp.add, total, out)
-  total = jax.device_get(total)
+  total = evaluation.over_dataset(evaluation.jit(sums, mesh), parallel.replicate(variables, mesh),
+                                  holdout, mesh, global_batch=global_batch)
   confusion = np.rint(total["confusion"]).astype(int)
   return {"phase_accuracy": float(np.trace(confusion) / confusion.sum()),
           "fmcs_mae": float(total["abs_err"] / total["count"]),
           "confusion": confusion.tolist()}
 
 
-def load_head(config: ml_collections.ConfigDict, workdir: Path, module: str,
-              dtype: Any) -> tuple[steps.Head, Any]:
-  """The trained FMCE-Net as a frozen head: its module and its variables (never optimised)."""
-  meta = fmcs_data.Source(workdir / "fmcs_data", "holdout")
+def head(config: ml_collections.ConfigDict, data_dir: epath.Path, trained: epath.Path | None,
+         module: str, dtype: Any, mesh: Mesh, seed: int = 0) -> tuple[steps.Head, Any]:
+  """A frozen head on `module`: the FMCE-Net saved in `trained/head`, or with `trained=None` an
+  untrained one initialised from `seed` (a study's `random` control). Its variables are
+  replicated over `mesh`, whatever devices saved them, and never optimised."""
+  meta = fmcs_data.Source(data_dir, "holdout")
   model = _head_model(config, meta.num_phases, dtype)
-  # Replicated over this job's devices, whatever devices saved it (another machine, host count).
-  sharding = parallel.replicated(parallel.make_mesh())
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      jax.eval_shape(lambda: model.init(
-          jax.random.PRNGKey(0), jnp.zeros((1, *meta.feature_shape)), train=False)))
-  variables = ocp.StandardCheckpointer().restore(
-      (workdir / "fmce_net" / "head").absolute(), abstract)
+  init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *meta.feature_shape)),  # noqa: E731
+                            train=False)
+  if trained is None:
+    return steps.Head(model=model, module=module), jax.device_get(init())
+  sharding = parallel.replicated(mesh)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          jax.eval_shape(init))
+  variables = ocp.StandardCheckpointer().restore(trained.absolute() / "head", abstract)
   return steps.Head(model=model, module=module), variables

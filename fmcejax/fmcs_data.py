@@ -1,69 +1,49 @@
 """The FMCS-Dataset: a module's feature maps at each phase marker, labelled by phase (METHOD 3).
 
 One file per marker (`phase_<k>.npy`, `[n, h, w, c]`, bfloat16 stored as its uint16 bits) holds
-the feature maps of the same fixed probe subset of training images; files are written whole and
-renamed, so an interrupted extraction resumes at the first missing phase. Reads are memory-mapped:
-the dataset never has to fit in host memory.
+the feature maps of the same fixed probe subset of training images; files are written whole, so an
+interrupted extraction resumes at the first missing phase. Local files are memory-mapped (the
+dataset never has to fit in host memory); on an object store they are read whole.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable
-from pathlib import Path
+import io
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
-from fmcejax import parallel
+from fmcejax import evaluation, input_pipeline, parallel, workdir
 
 _STORAGE = {"bfloat16": (ml_dtypes.bfloat16, np.uint16), "float32": (np.float32, np.float32)}
+LABELS = ("phase", "shuffled")  # "shuffled": the phase labels permuted over the train rows
 
 
 def extract(apply_fn: Callable[..., Any], variables: Any, images: np.ndarray, *, module: str,
             preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
             batch_size: int) -> np.ndarray:
-  """Feature maps of `module` for `images`, by a jitted forward pass sharded over the mesh.
-
-  Every host holds the same `images` and feeds its slice of each global batch; the output is
-  replicated so every host returns the full array.
-  """
-  fn = jax.jit(lambda v, x: apply_fn(v, preprocess(x), train=False)[1][module],
-               in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-               out_shardings=parallel.replicated(mesh),
-               compiler_options=parallel.compiler_options(mesh))
-  variables = parallel.replicate(variables, mesh)
-  n, p, count = len(images), jax.process_index(), jax.process_count()
-  local = batch_size // count
-  outputs = []
-  for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]
-    valid = len(chunk)
-    if valid < batch_size:  # pad the last batch; padded rows are dropped below
-      chunk = np.concatenate([chunk, np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)])
-    host = chunk[p * local:(p + 1) * local]
-    out = fn(variables, parallel.global_batch({"x": host}, mesh)["x"])
-    outputs.append(np.asarray(jax.device_get(out))[:valid])
-  return np.concatenate(outputs)
+  """Feature maps of `module` for `images` (identical on every host), by a jitted forward pass
+  sharded over the mesh; every host returns the full array."""
+  fn = evaluation.jit(lambda v, batch: apply_fn(v, preprocess(batch["image"]), train=False)[1][
+      module], mesh)
+  source = input_pipeline.ArraySource(image=images, label=np.zeros(len(images), np.int32))
+  return evaluation.over_dataset(fn, parallel.replicate(variables, mesh),
+                                 grain.MapDataset.source(source), mesh, global_batch=batch_size,
+                                 concat=True)
 
 
-def write_phase(directory: Path, phase: int, features: np.ndarray, storage_dtype: str) -> None:
-  """Stores one marker's feature maps atomically (tmp file + rename)."""
+def _write_phase(directory: epath.Path, phase: int, features: np.ndarray,
+                 storage_dtype: str) -> None:
   dtype, bits = _STORAGE[storage_dtype]
-  directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / f".phase_{phase}.npy.tmp"
-  with open(tmp, "wb") as f:
+  with workdir.open_atomic(directory / f"phase_{phase}.npy") as f:
     np.save(f, features.astype(dtype).view(bits))
-  os.replace(tmp, directory / f"phase_{phase}.npy")
-
-
-def phase_done(directory: Path, phase: int) -> bool:
-  return (directory / f"phase_{phase}.npy").exists()
 
 
 def split_images(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,22 +53,60 @@ def split_images(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray
   return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
-def write_index(directory: Path, meta: dict[str, Any]) -> None:
-  tmp = directory / ".index.json.tmp"
-  tmp.write_text(json.dumps(meta, indent=2))
-  os.replace(tmp, directory / "index.json")
+def build(directory: epath.Path, *, markers: Sequence[int], restore: Callable[[int], Any],
+          apply_fn: Callable[..., Any], images: np.ndarray, image_indices: np.ndarray,
+          module: str, preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
+          batch_size: int, storage_dtype: str, holdout_fraction: float,
+          seed: int) -> dict[str, Any]:
+  """Extracts every missing phase (`restore(epoch)` gives a marker's variables), then writes the
+  index; returns the stage's metrics."""
+  start = time.perf_counter()
+  for phase, epoch in enumerate(markers):
+    if parallel.agree((directory / f"phase_{phase}.npy").exists()):  # all skip it, or none
+      continue
+    features = extract(apply_fn, restore(epoch), images, module=module, preprocess=preprocess,
+                       mesh=mesh, batch_size=batch_size)
+    parallel.primary_writes(f"fmcs_data:{phase}",
+                            lambda: _write_phase(directory, phase, features, storage_dtype))
+  n = len(images)
+  train_images, holdout_images = split_images(n, holdout_fraction, seed)
+  meta = {"num_phases": len(markers), "markers": list(markers), "module": module,
+          "storage_dtype": storage_dtype, "num_images": n, "seed": seed,
+          "image_indices": np.asarray(image_indices).tolist(),
+          "train_images": train_images.tolist(), "holdout_images": holdout_images.tolist()}
+  parallel.primary_writes("fmcs_data:index",
+                          lambda: workdir.write_json(directory / "index.json", meta))
+  source = Source(directory, "train")
+  return {"feature_shape": list(source.feature_shape), "module": module,
+          "markers": list(markers), "num_images": n, "train_rows": len(source),
+          "holdout_rows": len(Source(directory, "holdout")),
+          "seconds": time.perf_counter() - start}
+
+
+def _load(p: epath.Path) -> np.ndarray:
+  if workdir.is_local(p):
+    return np.load(p, mmap_mode="r")
+  return np.load(io.BytesIO(p.read_bytes()))
 
 
 class Source:
-  """Random-access rows (phase, image) of the FMCS-Dataset over memory-mapped phase files."""
+  """Random-access rows (phase, image) of the FMCS-Dataset.
 
-  def __init__(self, directory: Path, split: str):
-    meta = json.loads((Path(directory) / "index.json").read_text())
+  With `labels="shuffled"` each row's phase label is another row's (a fixed permutation of all
+  rows of the split): the control head of a study, which learns no convergence knowledge.
+  """
+
+  def __init__(self, directory: epath.PathLike, split: str, labels: str = "phase"):
+    directory = epath.Path(directory)
+    meta = workdir.read_json(directory / "index.json")
     dtype, _ = _STORAGE[meta["storage_dtype"]]
     self.num_phases = meta["num_phases"]
-    self._phases = [np.load(Path(directory) / f"phase_{k}.npy", mmap_mode="r").view(dtype)
+    self._phases = [_load(directory / f"phase_{k}.npy").view(dtype)
                     for k in range(self.num_phases)]
     self._images = np.asarray(meta[f"{split}_images"], np.int64)
+    self._labels = np.repeat(np.arange(self.num_phases, dtype=np.int32), len(self._images))
+    if labels == "shuffled":
+      self._labels = np.random.default_rng(meta.get("seed", 0)).permutation(self._labels)
     self.feature_shape = tuple(self._phases[0].shape[1:])
 
   def __len__(self) -> int:
@@ -97,8 +115,8 @@ class Source:
   def __getitem__(self, row: int) -> dict[str, np.ndarray]:
     phase, i = divmod(int(row), len(self._images))
     return {"image": np.asarray(self._phases[phase][self._images[i]]),
-            "label": np.int32(phase)}
+            "label": self._labels[row]}
 
 
-def dataset(directory: Path, split: str) -> grain.MapDataset:
-  return grain.MapDataset.source(Source(directory, split))
+def dataset(directory: epath.PathLike, split: str, labels: str = "phase") -> grain.MapDataset:
+  return grain.MapDataset.source(Source(directory, split, labels))

@@ -32,7 +32,10 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import flags
 from tensorflow_datasets.core import registered
+from jax.sharding import Mesh
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+from fmcejax import parallel
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar10_jpeg", "cifar100")
 DATA_DIR_ENV = "FMCEJAX_DATA_DIR"
@@ -439,7 +442,7 @@ def _decoded(info: DatasetInfo, split: str, n: int, tfds_data_dir: str) -> Array
   return ArraySource(**_stack(info, _source(info, split, tfds_data_dir).__getitems__(range(n))))
 
 
-def _examples(info: DatasetInfo, split: str, limit: int, tfds_data_dir: str) -> grain.MapDataset:
+def examples(info: DatasetInfo, split: str, limit: int, tfds_data_dir: str) -> grain.MapDataset:
   """The split (first `limit` examples) as {"image": uint8 [H,W,C], "label": int32}."""
   return grain.MapDataset.source(
       _decoded(info, split, num_examples(info, split, limit), tfds_data_dir))
@@ -465,7 +468,7 @@ def train_dataset(info: DatasetInfo, *, split: str = "train", global_batch: int,
                   tfds_data_dir: str = "") -> grain.MapDataset:
   """Host-local training batches of a tfds split, exactly `epochs * steps_per_epoch`."""
   augment = info.augment if augment is None else augment
-  return epoch_batches(_examples(info, split, limit, tfds_data_dir), global_batch=global_batch,
+  return epoch_batches(examples(info, split, limit, tfds_data_dir), global_batch=global_batch,
                        epochs=epochs, seed=seed,
                        augment=random_crop_flip if augment else None,
                        process_index=process_index, process_count=process_count)
@@ -502,7 +505,7 @@ def eval_batches(info: DatasetInfo, *, split: str = "test", global_batch: int, l
                  process_index: int = 0, process_count: int = 1,
                  tfds_data_dir: str = "") -> Iterator[dict]:
   """Every example of a tfds split (first `limit`) once across hosts; see `padded_batches`."""
-  return padded_batches(_examples(info, split, limit, tfds_data_dir), global_batch=global_batch,
+  return padded_batches(examples(info, split, limit, tfds_data_dir), global_batch=global_batch,
                         process_index=process_index, process_count=process_count)
 
 
@@ -535,6 +538,26 @@ def subset_indices(num: int, size: int, seed: int) -> np.ndarray:
   function of its arguments so every run and host probes the same examples."""
   rng = np.random.default_rng(seed)
   return np.sort(rng.choice(num, size=min(size, num), replace=False)).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBatches:
+  """Training batches made on the host by grain (`epoch_batches`), as global arrays on `mesh`:
+  the loader of datasets that do not fit on the devices. `workers` as in `make_iterator`."""
+  ds: grain.MapDataset
+  mesh: Mesh
+  workers: int = 0
+
+  def __len__(self) -> int:
+    return len(self.ds)
+
+  def iterator(self, start: int) -> Iterator[dict[str, jax.Array]]:
+    host = make_iterator(self.ds, start=start, workers=self.workers)
+    try:
+      for local in host:
+        yield parallel.global_batch(local, self.mesh)
+    finally:
+      host.close()
 
 
 def make_iterator(ds: grain.MapDataset, *, start: int = 0, workers: int = 0,

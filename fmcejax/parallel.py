@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+T = TypeVar("T")
 # jaxlib 0.10's XLA:CPU hands convolutions, dots and reductions to YNNPACK fusions, which run
 # each op on one core (measured on the 2-core dev VM); without them XLA's Eigen and loop kernels
 # use every core: the CNN and ResNet-18 train steps ran 1.4-1.75x faster (docs/BENCHMARKS.md).
@@ -88,6 +89,27 @@ def sync(name: str) -> None:
   """
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def primary_writes(name: str, write: Callable[[], Any]) -> None:
+  """Process 0 runs `write` (a file every process reads next), then all meet at barrier `name`.
+
+  The one way results reach a shared workdir: a single writer, and no reader before it is done.
+  """
+  if jax.process_index() == 0:
+    write()
+  sync(name)
+
+
+def primary_first(name: str, fn: Callable[[], T]) -> T:
+  """`fn()` on process 0, a barrier, then on the others: on a shared disk they find its result
+  made (a prepared dataset), on disks of their own each makes its own copy."""
+  if jax.process_index() == 0:
+    result = fn()
+  sync(name)
+  if jax.process_index() != 0:
+    result = fn()
+  return result
 
 
 def agree(flag: bool) -> bool:

@@ -18,76 +18,26 @@ Conventions:
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
-import math
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import PIL.Image
+from etils import epath
 from matplotlib.figure import Figure
+
+from fmcejax import workdir
 
 PLOTS = ("plot_cqi.png", "plot_accuracy.png", "plot_fmcs.png")
 RUNS = ("baseline", "fmcenetpp")
 _LABELS = {"baseline": "baseline (alpha = 0)", "fmcenetpp": "FMCE-Net++"}
 
 
-# ---------------------------------------------------------------------------------------------
-# Atomic, NaN-safe writing.
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str | os.PathLike, mode: str) -> Iterator[TextIO | BinaryIO]:
-    """Open a temp file beside ``path``; on success fsync and ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-ready copy: non-finite floats -> None, numpy/ConfigDict/tuples -> Python builtins."""
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, Mapping) or hasattr(obj, "items"):  # ConfigDict is not a Mapping
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically; NaN/inf become null (strict JSON, never ``NaN``)."""
-    text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
-    with _atomic_open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with _atomic_open(path, "w") as f:
-        f.write(text)
-
-
-def _save_figure(fig: Figure, path: Path) -> None:
-    with _atomic_open(path, "wb") as f:
+def save_figure(fig: Figure, path: epath.Path) -> None:
+    with workdir.open_atomic(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
 
 
@@ -95,7 +45,7 @@ def _save_figure(fig: Figure, path: Path) -> None:
 # Reading the stage outputs.
 
 
-def _read_json(path: Path, stage: str, required: Sequence[str]) -> dict:
+def _read_json(path: epath.Path, stage: str, required: Sequence[str]) -> dict:
     """Load one stage output; a missing file or key names the file and the stage that writes it."""
     if not path.is_file():
         raise FileNotFoundError(
@@ -120,14 +70,14 @@ def _seeds(config: Mapping) -> list[int]:
     return seeds
 
 
-def _read_run(workdir: Path, run: str, seed: int) -> dict:
+def _read_run(root: epath.Path, run: str, seed: int) -> dict:
     metrics = _read_json(
-        workdir / run / f"seed_{seed}" / "metrics.json", run, ("test_accuracy", "history")
+        root / run / f"seed_{seed}" / "metrics.json", run, ("test_accuracy", "history")
     )
     accuracy = metrics["test_accuracy"]
     if not 0.0 <= accuracy <= 1.0:
         raise ValueError(
-            f"{workdir / run / f'seed_{seed}' / 'metrics.json'}: test_accuracy={accuracy} "
+            f"{root / run / f'seed_{seed}' / 'metrics.json'}: test_accuracy={accuracy} "
             "is not a fraction in [0, 1]"
         )
     return metrics
@@ -135,6 +85,20 @@ def _read_run(workdir: Path, run: str, seed: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Statistics.
+
+
+def summarise_runs(runs: Sequence[Mapping], seeds: Sequence[int], alpha: float) -> dict:
+    """A paired stage's ``metrics.json``: its runs (one per seed, in ``seeds`` order) summarised."""
+    accuracies = [r["test_accuracy"] for r in runs]
+    return {
+        "seeds": list(seeds),
+        "test_accuracy": sum(accuracies) / len(accuracies),
+        "test_accuracy_per_seed": accuracies,
+        "test_loss": sum(r["test_loss"] for r in runs) / len(runs),
+        "epochs": runs[0]["epochs"],
+        "images_per_second": sum(r["images_per_second"] or 0 for r in runs) / len(runs),
+        "alpha": alpha,
+    }
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -167,7 +131,7 @@ def _nan_list(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def _plot_cqi(cqi_json: Mapping, path: Path) -> None:
+def _plot_cqi(cqi_json: Mapping, path: epath.Path) -> None:
     losses = _nan_list(cqi_json["losses"])
     cqi_values = _nan_list(cqi_json["cqi"])
     epochs = np.arange(1, losses.size + 1)
@@ -190,11 +154,11 @@ def _plot_cqi(cqi_json: Mapping, path: Path) -> None:
     ax_cqi.set_ylabel("CQI (log)")
     ax_cqi.legend(fontsize="small")
     fig.suptitle("Probe run: loss, CQI and convergence phases")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_runs(
-    runs: Mapping[str, Sequence[Mapping]], key: str, scale: float, ylabel: str, title: str, path: Path
+    runs: Mapping[str, Sequence[Mapping]], key: str, scale: float, ylabel: str, title: str, path: epath.Path
 ) -> None:
     """Mean over seeds with a min/max band, one curve per run."""
     fig = Figure(figsize=(7, 4), layout="constrained")
@@ -208,7 +172,7 @@ def _plot_runs(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,20 +224,20 @@ def _markdown(report: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str | os.PathLike, config: Mapping) -> dict:
+def write_report(root: epath.PathLike, config: Mapping) -> dict:
     """Build ``report.json``, ``report.md`` and the plots from the stage outputs in ``workdir``.
 
     ``config`` (ConfigDict or dict) supplies ``dataset``, ``backbone``, ``module`` (resolved name),
     ``alpha`` and ``seeds`` (resolved list of ints). All inputs are read and checked before anything
     is written. Returns the report dict as written to ``report.json``.
     """
-    workdir = Path(workdir)
+    root = epath.Path(root)
     seeds = _seeds(config)
     cqi_json = _read_json(
-        workdir / "probe" / "cqi.json", "cqi", ("losses", "cqi", "converged_epoch", "markers", "converged", "threshold")
+        root / "probe" / "cqi.json", "cqi", ("losses", "cqi", "converged_epoch", "markers", "converged", "threshold")
     )
-    fmce_net = _read_json(workdir / "fmce_net" / "metrics.json", "fmce_net", ("phase_accuracy", "fmcs_mae"))
-    runs = {run: [_read_run(workdir, run, seed) for seed in seeds] for run in RUNS}
+    fmce_net = _read_json(root / "fmce_net" / "metrics.json", "fmce_net", ("phase_accuracy", "fmcs_mae"))
+    runs = {run: [_read_run(root, run, seed) for seed in seeds] for run in RUNS}
 
     baseline = [m["test_accuracy"] for m in runs["baseline"]]
     fmcenetpp = [m["test_accuracy"] for m in runs["fmcenetpp"]]
@@ -307,17 +271,34 @@ def write_report(workdir: str | os.PathLike, config: Mapping) -> dict:
         "fmcs_mae": fmce_net["fmcs_mae"],
         "plots": list(PLOTS),
     }
-    report = _plain(report)  # ConfigDict alpha, numpy scalars -> plain JSON values
+    report = workdir.plain(report)  # ConfigDict alpha, numpy scalars -> plain JSON values
 
-    _plot_cqi(cqi_json, workdir / "plot_cqi.png")
+    _plot_cqi(cqi_json, root / "plot_cqi.png")
     _plot_runs(
         runs, "test_accuracy", 100.0, "test accuracy (%)",
-        "Test accuracy per epoch (band: min/max over seeds)", workdir / "plot_accuracy.png",
+        "Test accuracy per epoch (band: min/max over seeds)", root / "plot_accuracy.png",
     )
     _plot_runs(
         runs, "fmcs", 1.0, "mean predicted FMCS",
-        "FMCS trajectory (frozen FMCE-Net, held-out batch)", workdir / "plot_fmcs.png",
+        "FMCS trajectory (frozen FMCE-Net, held-out batch)", root / "plot_fmcs.png",
     )
-    _atomic_write_text(workdir / "report.md", _markdown(report))
-    atomic_write_json(workdir / "report.json", report)
+    workdir.write_text(root / "report.md", _markdown(report))
+    workdir.write_json(root / "report.json", report)
     return report
+
+
+def log_tensorboard(root: epath.PathLike, report: Mapping) -> None:
+    """The probe's loss and CQI curves as scalars and the report plots as images, for TensorBoard."""
+    from tensorboardX import SummaryWriter
+
+    root = epath.Path(root)
+    cqi_json = workdir.read_json(root / "probe" / "cqi.json")
+    writer = SummaryWriter(os.fspath(root / "tb_report"))
+    for epoch, (loss, value) in enumerate(zip(cqi_json["losses"], cqi_json["cqi"]), start=1):
+        writer.add_scalar("probe/train_loss", loss, epoch)
+        if value is not None:
+            writer.add_scalar("probe/cqi", value, epoch)
+    for name in report["plots"]:
+        image = PIL.Image.open(io.BytesIO((root / name).read_bytes())).convert("RGB")
+        writer.add_image(f"report/{name.removesuffix('.png')}", np.asarray(image), dataformats="HWC")
+    writer.close()

@@ -1,10 +1,9 @@
-"""The training loop shared by every stage that trains: checkpoints, exact resume, preemption.
+"""The training loop shared by every stage that trains: exact resume, preemption, metrics.
 
-A run is resumable at any checkpoint: the Orbax checkpoint holds the train state (params,
-optimizer, step) and the host-side history. The step is also the loader's position (batch k of
-the grain dataset is a pure function of k, whatever the worker count), and the step's RNG is
-`fold_in(seed, step)`, so a resumed run repeats the uninterrupted one. Metrics stay on device
-between log intervals; the host syncs only to log, evaluate and checkpoint.
+A run is resumable at any checkpoint (`checkpointing`): it holds the train state and the host-side
+progress. The step is also the loader's position (batch k is a pure function of k), and the step's
+RNG is `fold_in(seed, step)`, so a resumed run repeats the uninterrupted one. Metrics stay on
+device between log intervals; the host syncs only to log, evaluate and checkpoint.
 """
 
 from __future__ import annotations
@@ -17,20 +16,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
+from etils import epath
 from jax.sharding import Mesh
 
-from fmcejax import input_pipeline, parallel, steps
+from fmcejax import checkpointing, evaluation, parallel, steps
 
 
 class Preempted(Exception):
@@ -41,8 +38,14 @@ class NonFiniteError(RuntimeError):
   """A step produced a non-finite loss or gradient (its update was not applied)."""
 
 
-class CheckpointMismatch(RuntimeError):
-  """The run directory holds a checkpoint of a different job."""
+class Batches(Protocol):
+  """Training batches, batch k a pure function of k (`input_pipeline.HostBatches`,
+  `device_input.DeviceBatches`)."""
+
+  def __len__(self) -> int: ...
+
+  def iterator(self, start: int) -> Iterator[dict[str, jax.Array]]:
+    """Global batches sharded over the mesh, from batch `start`; closing it frees the loader."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Job:
   model: nn.Module
   preprocess: Callable[[jax.Array], jax.Array]
   input_shape: tuple[int, ...]
-  train_data: grain.MapDataset          # host-local batches, epochs * steps_per_epoch of them
+  train_data: Batches  # epochs * steps_per_epoch batches
   steps_per_epoch: int
   epochs: int
   global_batch: int
@@ -59,12 +62,13 @@ class Job:
   learning_rate: optax.Schedule
   seed: int
   identity: dict[str, Any]
-  eval_data: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
+  eval_data: grain.MapDataset | None = None  # examples; evaluated in padded global batches
+  eval_batch_size: int = 1000
   eval_each_epoch: bool = True
   loss: steps.Loss = steps.Loss()
-  head: steps.Head | None = None        # the frozen FMCE-Net, when one exists
+  head: steps.Head | None = None  # the frozen FMCE-Net, when one exists
   head_variables: Any = None
-  train_with_head: bool = False         # RAL (FMCE-Net++) vs monitoring only (baseline)
+  train_with_head: bool = False  # RAL (FMCE-Net++) vs monitoring only (baseline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +76,12 @@ class LoopOptions:
   log_every: int = 50
   checkpoint_every_steps: int = 0
   keep_checkpoints: int = 2
-  nan_policy: str = "error"             # error | skip
+  nan_policy: str = "error"  # error | skip
   progress_bar: bool = True
   description: str = ""
-  input_workers: int = 0                # grain worker processes; 0 = a thread of this process
 
 
 EpochHook = Callable[[int, steps.TrainState, list[dict[str, Any]]], bool]
-
 
 PREEMPTED = threading.Event()
 
@@ -99,94 +101,6 @@ def _sigterm_handled():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _check_identity(saved: dict[str, Any], expected: dict[str, Any], directory: Path) -> None:
-  diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
-           for k, v in expected.items() if saved.get(k) != v]
-  if diffs:
-    raise CheckpointMismatch(
-        f"{directory} holds a checkpoint of a different job ({'; '.join(diffs)}). Use another "
-        "--workdir, or delete that directory to start this run from scratch.")
-
-
-def checkpoint_manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      directory.absolute(), options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True))
-
-
-def abstract(tree: Any) -> Any:
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def _quarantine(manager: ocp.CheckpointManager, bad_steps: list[int]) -> None:
-  """Moves unreadable checkpoints aside (kept for inspection) so their steps can be re-saved."""
-  if jax.process_index() == 0:
-    aside = Path(str(manager.directory) + ".corrupt")
-    aside.mkdir(exist_ok=True)
-    for step in bad_steps:
-      target = aside / f"{step}.{int(time.time())}"
-      (Path(manager.directory) / str(step)).rename(target)
-  parallel.sync("quarantine")  # every process reloads after the move
-  manager.reload()
-
-
-def _restore_latest_good(manager: ocp.CheckpointManager, state: steps.TrainState,
-                         identity: dict[str, Any], run_dir: Path):
-  """(state, progress) of the newest readable checkpoint, or None if none exist.
-
-  A checkpoint that fails to restore (truncated file, missing item) is reported and skipped for
-  the one before it; if checkpoints exist but none is readable the run stops rather than
-  silently starting from scratch. Orbax only lists finalized checkpoints, so a write cut short
-  by a kill is never a candidate.
-  """
-  candidates = sorted(manager.all_steps(), reverse=True)
-  errors = []
-  for step in candidates:
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-      _check_identity(meta.progress["identity"], identity, run_dir)
-      out = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract(state))))
-    except CheckpointMismatch:
-      raise
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous
-      logging.error("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
-                    manager.directory, step, type(e).__name__, str(e)[:300])
-      errors.append(f"step {step}: {type(e).__name__}")
-      continue
-    if errors:
-      _quarantine(manager, [c for c in candidates if c > step])
-      logging.warning("resumed from step %d after skipping unreadable checkpoint(s): %s (moved "
-                      "to %s.corrupt)", step, ", ".join(errors), manager.directory)
-    logging.info("%s: resumed from step %d", run_dir, step)
-    return out.state, meta.progress
-  if candidates:
-    raise RuntimeError(
-        f"no readable checkpoint in {manager.directory} ({'; '.join(errors)}). Refusing to "
-        "start over silently: delete that directory to restart this run from scratch.")
-  return None
-
-
-class _Writer:
-  """TensorBoard scalars from process 0 only."""
-
-  def __init__(self, logdir: Path):
-    self._tb = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(logdir))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if self._tb is not None:
-      for k, v in values.items():
-        if v is not None and np.isfinite(v):
-          self._tb.add_scalar(k, v, step)
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
 def jit_train_step(mesh: Mesh, *, preprocess: Callable[[jax.Array], jax.Array],
                    head: steps.Head | None, loss: steps.Loss,
                    compiler_options: dict[str, str] | None) -> Callable[..., Any]:
@@ -198,184 +112,225 @@ def jit_train_step(mesh: Mesh, *, preprocess: Callable[[jax.Array], jax.Array],
       out_shardings=(repl, repl), donate_argnums=0, compiler_options=compiler_options)
 
 
-def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
+def _preempted(at_boundary: bool) -> bool:
+  """The one place that decides preemption. Saving is collective and each host gets SIGTERM at
+  its own moment, so with several processes all decide together, at steps where all check."""
+  if jax.process_count() == 1:
+    return PREEMPTED.is_set()
+  return at_boundary and parallel.any_process(PREEMPTED.is_set())
+
+
+def fit(job: Job, run_dir: epath.PathLike, mesh: Mesh, options: LoopOptions,
         on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
   """Trains `job` to the end (or to an early stop by `on_epoch_end`), resuming if it can.
 
-  Returns the final metrics: test accuracy/loss, images/s and the per-epoch history.
+  Returns the final metrics: test accuracy/loss, images/s, the per-epoch history and the state.
   """
-  run_dir = Path(run_dir)
-  repl = parallel.replicated(mesh)
-  data = parallel.batch_sharding(mesh)
-  head = job.head
-  train_head = head if job.train_with_head else None
+  run_dir = epath.Path(run_dir)
   xla = parallel.compiler_options(mesh)
-  train_fn = jit_train_step(mesh, preprocess=job.preprocess, head=train_head, loss=job.loss,
-                            compiler_options=xla)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, preprocess=job.preprocess, head=head),
-                    in_shardings=(repl, data, repl), out_shardings=repl, compiler_options=xla)
+  train_fn = jit_train_step(mesh, preprocess=job.preprocess, loss=job.loss, compiler_options=xla,
+                            head=job.head if job.train_with_head else None)
   init_fn = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx,
-                                      job.input_shape), out_shardings=repl,
+                                      job.input_shape), out_shardings=parallel.replicated(mesh),
                     compiler_options=xla)
+  evaluate = _evaluator(job, mesh)
   head_variables = (parallel.replicate(job.head_variables, mesh)
                     if job.head_variables is not None else None)
-
   state = init_fn(jax.random.PRNGKey(job.seed))
-  progress: dict[str, Any] = {"history": [], "loss_sum": 0.0, "loss_count": 0,
-                              "stopped_early": False, "nonfinite_steps": 0,
-                              "images": 0, "train_seconds": 0.0, "identity": job.identity}
-  manager = checkpoint_manager(run_dir / "checkpoints", options.keep_checkpoints)
-  restored = _restore_latest_good(manager, state, job.identity, run_dir)
+  manager = checkpointing.manager(run_dir / "checkpoints", options.keep_checkpoints)
+  meter = _Meter(job, options, {"history": [], "loss_sum": 0.0, "loss_count": 0,
+                                "stopped_early": False, "nonfinite_steps": 0, "images": 0,
+                                "train_seconds": 0.0, "identity": job.identity})
+  restored = checkpointing.restore_latest_good(manager, state, job.identity, run_dir)
   if restored is not None:
-    state, progress = restored
-  total = job.steps_per_epoch * job.epochs
-  step = int(jax.device_get(state.step))
-  writer = _Writer(run_dir / "tb")
+    state, meter.progress = restored
+  step, total = int(jax.device_get(state.step)), job.steps_per_epoch * job.epochs
   base_rng = jax.random.PRNGKey(job.seed + 1)
-  pending: list[dict[str, jax.Array]] = []
-  clock = time.perf_counter()
-  timing = {"warm": False}
-
-  def sync() -> None:
-    """Brings the pending step metrics to the host; the only per-interval device sync."""
-    if not pending:
-      return
-    values = jax.device_get(pending)
-    now = time.perf_counter()
-    nonlocal clock
-    if timing["warm"]:
-      progress["images"] += len(values) * job.global_batch
-      progress["train_seconds"] += now - clock
-    timing["warm"] = True
-    clock = now
-    first = step - len(values)
-    bad = [first + i + 1 for i, v in enumerate(values) if v["nonfinite"]]
-    if bad:
-      progress["nonfinite_steps"] += len(bad)
-      epoch = (bad[0] - 1) // job.steps_per_epoch + 1
-      if options.nan_policy == "error":
-        raise NonFiniteError(
-            f"{options.description}: non-finite loss or gradient at step {bad[0]} (epoch "
-            f"{epoch}); the update was not applied and no checkpoint was written after it. "
-            f"Last good checkpoint: step {manager.latest_step()}. Lower the learning rate, "
-            "check the data, or set --config.nan_policy=skip to skip such batches.")
-      logging.warning("%s: skipped %d non-finite batch(es), first at step %d (epoch %d)",
-                      options.description, len(bad), bad[0], epoch)
-    for v in values:
-      if not v["nonfinite"]:
-        progress["loss_sum"] += float(v["loss"])
-        progress["loss_count"] += 1
-    last = values[-1]
-    scalars = {f"train/{k}": float(last[k]) for k in ("loss", "ce", "conv", "fmcs", "alpha",
-                                                       "accuracy") if k in last}
-    scalars["train/learning_rate"] = float(job.learning_rate(step))
-    if progress["train_seconds"] > 0:
-      scalars["train/images_per_second"] = progress["images"] / progress["train_seconds"]
-    writer.scalars(step, scalars)
-    if bar is not None:
-      bar.set_postfix(loss=f"{float(last['loss']):.4f}",
-                      img_s=f"{scalars.get('train/images_per_second', 0.0):.0f}")
-    pending.clear()
-
-  def save() -> None:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
-
-  def evaluate() -> dict[str, float]:
-    sums = None
-    for local in job.eval_data():
-      out = eval_fn(state, parallel.global_batch(local, mesh), head_variables)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    result = {"test_accuracy": float(sums["correct"] / sums["count"]),
-              "test_loss": float(sums["loss"] / sums["count"])}
-    result["fmcs"] = float(sums["fmcs"] / sums["count"]) if "fmcs" in sums else None
-    return result
-
-  show = options.progress_bar and jax.process_index() == 0
-  bar = tqdm.tqdm(total=total, initial=step, desc=options.description, unit="step",
-                  dynamic_ncols=True, leave=False) if show else None
-  # One batch per step, and batch k is a pure function of k: the step is the loader position.
-  # Created last, next to the `finally` that stops its worker processes.
-  iterator = input_pipeline.make_iterator(job.train_data, start=step,
-                                          workers=options.input_workers)
+  log = _Log(run_dir / "tb", options, job.epochs, total, step)
   try:
-    with _sigterm_handled():
-      while step < total and not progress["stopped_early"]:
-        batch = parallel.global_batch(next(iterator), mesh)
-        state, metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step),
+    with _sigterm_handled(), contextlib.closing(job.train_data.iterator(step)) as batches:
+      while step < total and not meter.progress["stopped_early"]:
+        state, metrics = train_fn(state, next(batches), jax.random.fold_in(base_rng, step),
                                   head_variables)
-        pending.append(metrics)
         step += 1
-        if bar is not None:
-          bar.update(1)
+        meter.pending.append(metrics)
+        log.advance()
         epoch_end = step % job.steps_per_epoch == 0
-        periodic = bool(options.checkpoint_every_steps) and (
-            step % options.checkpoint_every_steps == 0)
+        due = epoch_end or bool(options.checkpoint_every_steps
+                                and step % options.checkpoint_every_steps == 0)
         logged = step % options.log_every == 0
-        # Saving is collective and each host gets SIGTERM at its own moment: with several
-        # processes, all stop together at the next step where every one checks (below).
-        preempted = PREEMPTED.is_set() and jax.process_count() == 1
-        if epoch_end or periodic or preempted or logged or not timing["warm"]:
-          sync()
+        if due or logged or not meter.warm:
+          log.train(step, meter.sync(step, manager))
         if epoch_end:
-          epoch = step // job.steps_per_epoch
-          record = {"epoch": epoch,
-                    "train_loss": progress["loss_sum"] / max(progress["loss_count"], 1),
-                    "alpha": float(metrics["alpha"]),
-                    "learning_rate": float(job.learning_rate(step - 1))}
-          progress["loss_sum"], progress["loss_count"] = 0.0, 0
-          if job.eval_data is not None and (job.eval_each_epoch or step == total):
-            record.update(evaluate())
-          progress["history"].append(record)
-          writer.scalars(step, {f"epoch/{k}": v for k, v in record.items()
-                                if k != "epoch" and v is not None})
-          _log_epoch(options.description, job.epochs, record)
-          if on_epoch_end is not None and on_epoch_end(epoch, state, progress["history"]):
-            progress["stopped_early"] = True
-          clock = time.perf_counter()
-        if jax.process_count() > 1:
-          if epoch_end or periodic or logged:  # the same steps on every host; metrics synced
-            preempted = parallel.any_process(PREEMPTED.is_set())
-        elif PREEMPTED.is_set() and not preempted:  # arrived during evaluation or the hook
-          preempted = True
-          sync()
-        if epoch_end or periodic or preempted:
-          save()
-          clock = time.perf_counter()
+          record = meter.end_epoch(step, metrics, evaluate(state, head_variables, step == total))
+          log.epoch(step, record)
+          if on_epoch_end is not None and on_epoch_end(record["epoch"], state,
+                                                        meter.progress["history"]):
+            meter.progress["stopped_early"] = True
+          meter.restart_clock()
+        preempted = _preempted(due or logged)
+        if preempted:
+          log.train(step, meter.sync(step, manager))
+        if due or preempted:
+          checkpointing.save(manager, step, state, meter.progress)
+          meter.restart_clock()
         if preempted:
           manager.wait_until_finished()
           PREEMPTED.clear()  # handled: this process may train again (notebooks, tests)
           raise Preempted(f"{options.description}: SIGTERM received; checkpoint written at "
                           f"step {step}. Re-run the same command to resume.")
   finally:
-    iterator.close()
     manager.wait_until_finished()
     manager.close()
-    writer.close()
-    if bar is not None:
-      bar.close()
-
-  history = progress["history"]
-  last = history[-1]
-  if "test_accuracy" not in last and job.eval_data is not None:
-    last.update(evaluate())
-  return {"test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
-          "epochs": len(history), "steps": step,
-          "images_per_second": (progress["images"] / progress["train_seconds"]
-                                if progress["train_seconds"] else None),
-          "nonfinite_steps": progress["nonfinite_steps"],
-          "stopped_early": progress["stopped_early"], "history": history,
-          "state": state}
+    log.close()
+  return meter.result(step, state, evaluate(state, head_variables, True))
 
 
-def _log_epoch(description: str, epochs: int, record: dict[str, Any]) -> None:
-  parts = [f"{description} epoch {record['epoch']}/{epochs}",
-           f"train_loss {record['train_loss']:.4f}"]
-  if record.get("test_accuracy") is not None:
-    parts += [f"test_acc {100 * record['test_accuracy']:.2f}%",
-              f"test_loss {record['test_loss']:.4f}"]
-  if record.get("fmcs") is not None:
-    parts.append(f"fmcs {record['fmcs']:.3f}")
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(" | ".join(parts))
+def _evaluator(job: Job, mesh: Mesh) -> Callable[[Any, Any, bool], Callable[[], dict]]:
+  """`evaluate(state, head_variables, final)`: a thunk computing test metrics when this epoch
+  evaluates (every epoch, or only the final one), else None."""
+  if job.eval_data is None:
+    return lambda *_: None
+  fn = evaluation.jit(lambda v, batch: steps.eval_step(
+      v[0], batch, v[1], preprocess=job.preprocess, head=job.head), mesh)
+
+  def run(state, head_variables) -> dict[str, float | None]:
+    sums = evaluation.over_dataset(fn, (state, head_variables), job.eval_data, mesh,
+                                   global_batch=job.eval_batch_size)
+    return {"test_accuracy": float(sums["correct"] / sums["count"]),
+            "test_loss": float(sums["loss"] / sums["count"]),
+            "fmcs": float(sums["fmcs"] / sums["count"]) if "fmcs" in sums else None}
+
+  return lambda state, head_variables, final: (
+      functools.partial(run, state, head_variables) if job.eval_each_epoch or final else None)
+
+
+@dataclasses.dataclass
+class _Meter:
+  """The run's host-side state: the checkpointed `progress` (JSON), the step metrics not yet
+  brought to the host, and the clock that excludes compilation, evaluation and saving."""
+  job: Job
+  options: LoopOptions
+  progress: dict[str, Any]
+  pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+  warm: bool = False
+  clock: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def restart_clock(self) -> None:
+    self.clock = time.perf_counter()
+
+  def sync(self, step: int, manager: Any) -> dict[str, float]:
+    """Brings the pending step metrics to the host (the only per-interval device sync) and
+    returns the scalars to log."""
+    if not self.pending:
+      return {}
+    values, p = jax.device_get(self.pending), self.progress
+    self.pending = []
+    now = time.perf_counter()
+    if self.warm:  # the first sync follows the compilation
+      p["images"] += len(values) * self.job.global_batch
+      p["train_seconds"] += now - self.clock
+    self.warm, self.clock = True, now
+    bad = [step - len(values) + i + 1 for i, v in enumerate(values) if v["nonfinite"]]
+    if bad:
+      self._nonfinite(bad, manager)
+    for v in values:
+      if not v["nonfinite"]:
+        p["loss_sum"] += float(v["loss"])
+        p["loss_count"] += 1
+    scalars = {f"train/{k}": float(values[-1][k]) for k in (
+        "loss", "ce", "conv", "fmcs", "alpha", "accuracy") if k in values[-1]}
+    scalars["train/learning_rate"] = float(self.job.learning_rate(step))
+    scalars["train/images_per_second"] = self.images_per_second()
+    return scalars
+
+  def _nonfinite(self, bad: list[int], manager: Any) -> None:
+    self.progress["nonfinite_steps"] += len(bad)
+    epoch = (bad[0] - 1) // self.job.steps_per_epoch + 1
+    if self.options.nan_policy == "error":
+      raise NonFiniteError(
+          f"{self.options.description}: non-finite loss or gradient at step {bad[0]} (epoch "
+          f"{epoch}); the update was not applied and no checkpoint was written after it. "
+          f"Last good checkpoint: step {manager.latest_step()}. Lower the learning rate, "
+          "check the data, or set --config.nan_policy=skip to skip such batches.")
+    logging.warning("%s: skipped %d non-finite batch(es), first at step %d (epoch %d)",
+                    self.options.description, len(bad), bad[0], epoch)
+
+  def images_per_second(self) -> float | None:
+    p = self.progress
+    return p["images"] / p["train_seconds"] if p["train_seconds"] else None
+
+  def end_epoch(self, step: int, metrics: dict[str, jax.Array],
+                evaluate: Callable[[], dict] | None) -> dict[str, Any]:
+    p = self.progress
+    record = {"epoch": step // self.job.steps_per_epoch,
+              "train_loss": p["loss_sum"] / max(p["loss_count"], 1),
+              "alpha": float(metrics["alpha"]),
+              "learning_rate": float(self.job.learning_rate(step - 1))}
+    p["loss_sum"], p["loss_count"] = 0.0, 0
+    if evaluate is not None:
+      record.update(evaluate())
+    p["history"].append(record)
+    return record
+
+  def result(self, step: int, state: steps.TrainState,
+             evaluate: Callable[[], dict] | None) -> dict[str, Any]:
+    history = self.progress["history"]
+    last = history[-1]
+    if "test_accuracy" not in last and evaluate is not None:  # stopped before the final epoch
+      last.update(evaluate())
+    return {"test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
+            "epochs": len(history), "steps": step,
+            "images_per_second": self.images_per_second(),
+            "nonfinite_steps": self.progress["nonfinite_steps"],
+            "stopped_early": self.progress["stopped_early"], "history": history,
+            "state": state}
+
+
+class _Log:
+  """What a person watches: TensorBoard scalars and a progress bar, from process 0 only."""
+
+  def __init__(self, logdir: epath.Path, options: LoopOptions, epochs: int, total: int,
+               step: int):
+    self._options, self._epochs = options, epochs
+    self._tb = self._bar = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(logdir))
+      if options.progress_bar:
+        self._bar = tqdm.tqdm(total=total, initial=step, desc=options.description, unit="step",
+                              dynamic_ncols=True, leave=False)
+
+  def _scalars(self, step: int, values: dict[str, float | None]) -> None:
+    if self._tb is not None:
+      for k, v in values.items():
+        if v is not None and np.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+
+  def advance(self) -> None:
+    if self._bar is not None:
+      self._bar.update(1)
+
+  def train(self, step: int, scalars: dict[str, float | None]) -> None:
+    self._scalars(step, scalars)
+    if self._bar is not None and scalars:
+      self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                            img_s=f"{scalars['train/images_per_second'] or 0.0:.0f}")
+
+  def epoch(self, step: int, record: dict[str, Any]) -> None:
+    self._scalars(step, {f"epoch/{k}": v for k, v in record.items() if k != "epoch"})
+    if jax.process_index() == 0:
+      parts = [f"{self._options.description} epoch {record['epoch']}/{self._epochs}",
+               f"train_loss {record['train_loss']:.4f}"]
+      if record.get("test_accuracy") is not None:
+        parts += [f"test_acc {100 * record['test_accuracy']:.2f}%",
+                  f"test_loss {record['test_loss']:.4f}"]
+      if record.get("fmcs") is not None:
+        parts.append(f"fmcs {record['fmcs']:.3f}")
+      tqdm.tqdm.write(" | ".join(parts))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self._bar is not None:
+      self._bar.close()

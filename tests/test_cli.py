@@ -30,13 +30,27 @@ def run_cli(*args, timeout=600):
     ("--config.module=stage9", "module", "conv1, conv2, conv3"),
     ("--config.seeds=-1", "seeds", "a count >= 1"),
     ("--config.input_workers=many", "input_workers", '"auto" (0 on CPU or under 4'),
+    ("--config=/nonexistent.py", "config", "shipped config: cifar100_shufflenet_v2"),
+    ("--config=fashion_mnist_cnn --config.epochs=0", "epochs", "integer >= 1"),  # a shipped name
+    ("--config.fmcs.subset_size=10", "fmcs.subset_size", "at least 65 with"),
+    ("--config.fmce_net.batch_size=100000", "fmce_net.batch_size", "at most 9995"),
+    ("--config.fmcs.holdout_fraction=0.999", "fmcs.holdout_fraction", "at most 0.974"),
+    ("--config.batch_size=4096 --config.stages=probe", "batch_size", "at most 2000, the probe's"),
 ])
 def test_bad_input_is_one_clear_error_with_exit_status_2(tmp_path, override, field, accepted):
-  result = run_cli(f"--workdir={tmp_path / 'w'}", override, timeout=120)
+  result = run_cli(f"--workdir={tmp_path / 'w'}", *override.split(), timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   message = result.stderr.strip().splitlines()[-1]
   assert f"'{field}'" in message and accepted in message, message
   assert not (tmp_path / "w").exists(), "nothing may be written before validation passes"
+
+
+@pytest.mark.parametrize("workdir", ["/proc/x", "/dev/null/run"])
+def test_a_workdir_that_cannot_be_written_is_exit_2(workdir):
+  result = run_cli(f"--workdir={workdir}", timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  message = result.stderr.strip().splitlines()[-1]
+  assert "'workdir'" in message and "cannot be written" in message, message
 
 
 def test_missing_data_names_where_to_put_the_files(tmp_path):

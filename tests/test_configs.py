@@ -7,7 +7,8 @@ import pytest
 
 from fmcejax import config_lib
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default"))
 REQUIRED = ("dataset", "backbone", "stages", "epochs", "batch_size", "seeds", "alpha", "data_dir",
             "train_examples_limit", "dtype")
 
@@ -55,3 +56,20 @@ def test_seeds_accept_a_count_or_a_list():
   for bad in (0, "1,1", "a", [-1]):
     with pytest.raises(config_lib.ConfigError, match="'seeds'"):
       config_lib.parse_seeds(bad)
+
+
+def test_the_shipped_configs_are_the_files_in_configs():
+  from fmcejax import train
+  shipped = train.shipped_configs()
+  assert set(shipped) == {p.stem for p in CONFIGS}
+  assert _load(Path(shipped["cifar10_resnet50"])).backbone == "resnet50"
+
+
+def test_every_schema_field_is_commented_or_documented():
+  """configs/default.py is the schema: each field says what it is, on its line or just above."""
+  lines = (CONFIG_DIR / "default.py").read_text().splitlines()
+  fields = [i for i, line in enumerate(lines) if line.strip().startswith("c.") and " = " in line
+            and "ConfigDict()" not in line]
+  assert len(fields) > 40
+  for i in fields:
+    assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), lines[i]

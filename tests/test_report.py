@@ -143,17 +143,6 @@ def test_rejects_percent_accuracy_and_unresolved_seeds(tmp_path):
         report_lib.write_report(tmp_path, _config())
 
 
-def test_atomic_write_json_replaces_nan(tmp_path):
-    path = tmp_path / "sub" / "x.json"
-    report_lib.atomic_write_json(path, {"a": float("nan"), "b": [np.float32(1.5), np.inf], "c": np.arange(2), "d": (1, True)})
-    text = path.read_text()
-    assert "NaN" not in text and "Infinity" not in text and text.endswith("\n")
-    assert json.loads(text) == {"a": None, "b": [1.5, None], "c": [0, 1], "d": [1, True]}
-    report_lib.atomic_write_json(path, {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
-
-
 def test_never_converged_probe_is_stated(tmp_path):
     _fake_workdir(tmp_path)
     losses = [2.0 - 0.01 * t for t in range(1, 31)]

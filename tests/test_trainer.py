@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmcejax import input_pipeline, models, parallel, steps, trainer
+from fmcejax import checkpointing, input_pipeline, models, parallel, steps, trainer
 
 SHAPE = (28, 28, 1)
 PREPROCESS = functools.partial(steps.normalize, mean=(0.13,), std=(0.31,))
@@ -29,7 +29,7 @@ def _elements(n, seed=0):
   return [{"image": images[i].astype(np.uint8), "label": np.int32(labels[i])} for i in range(n)]
 
 
-def _job(epochs=2, identity=None, train_map=None, preprocess=PREPROCESS):
+def _job(epochs=2, identity=None, train_map=None, preprocess=PREPROCESS, workers=0):
   train = input_pipeline.epoch_batches(grain.MapDataset.source(_elements(128)), global_batch=32,
                                        epochs=epochs, seed=0)
   if train_map is not None:
@@ -38,10 +38,11 @@ def _job(epochs=2, identity=None, train_map=None, preprocess=PREPROCESS):
   evals = grain.MapDataset.source(_elements(40, seed=1))
   return trainer.Job(
       model=models.create_backbone("cnn", 10), preprocess=preprocess, input_shape=SHAPE,
-      train_data=train, steps_per_epoch=4, epochs=epochs, global_batch=32,
+      train_data=input_pipeline.HostBatches(train, parallel.make_mesh(), workers),
+      steps_per_epoch=4, epochs=epochs, global_batch=32,
       tx=steps.create_optimizer("sgd", lr, weight_decay=5e-4), learning_rate=lr, seed=0,
       identity=identity or {"job": "test"},
-      eval_data=lambda: input_pipeline.padded_batches(evals, global_batch=16))
+      eval_data=evals, eval_batch_size=16)
 
 
 def _fit(job, run_dir, hook=None, **options):
@@ -120,7 +121,7 @@ def test_loader_workers_change_nothing_and_resume_with_another_count(tmp_path, s
     return False
 
   with pytest.raises(trainer.Preempted, match="checkpoint written at step 4"):
-    _fit(_job(), tmp_path, preempt_after_epoch_1, input_workers=2)
+    _fit(_job(workers=2), tmp_path, preempt_after_epoch_1)
   _same(_fit(_job(), tmp_path), straight)
 
 
@@ -150,7 +151,7 @@ def test_nonfinite_batch_can_be_skipped(tmp_path):
 
 def test_checkpoint_of_another_job_is_refused(tmp_path):
   _fit(_job(epochs=1, identity={"backbone": "cnn", "seed": 0}), tmp_path)
-  with pytest.raises(trainer.CheckpointMismatch, match="seed: checkpoint has 0, this run has 1"):
+  with pytest.raises(checkpointing.CheckpointMismatch, match="seed: checkpoint has 0, this run has 1"):
     _fit(_job(epochs=1, identity={"backbone": "cnn", "seed": 1}), tmp_path)
 
 

@@ -1,0 +1,1 @@
+"""The shipped configs; installed as `fmcejax.configs` (see pyproject.toml)."""

@@ -1,0 +1,109 @@
+r"""Does FMCE-Net++ help, where and why: a grid of arms against paired baselines, in one workdir.
+
+    python -m fmcejax.study [--config NAME_OR_FILE] [--workdir DIR] [--study.FIELD=VALUE ...]
+                            [--config.FIELD=VALUE ...]
+
+Arms are alphas x modules x RAL variants with the trained FMCE-Net, plus control arms whose frozen
+head knows nothing of convergence (`shuffled`: trained on shuffled phase labels; `random`:
+untrained). Each arm runs once per seed, paired with the baseline of the same seed (same data
+order and schedule). Work that does not depend on an arm runs once, through the train pipeline's
+own building blocks: the probe and CQI; one FMCS-Dataset and FMCE-Net per module; one baseline
+per seed. Re-running the same command resumes; a finished run is never redone. Writes
+`study.json`, `study.md` and `plot_study.png` (`study_lib`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Any
+
+import jax
+from absl import flags
+from etils import epath
+from ml_collections import config_flags
+
+from fmcejax import config_lib, input_pipeline, models, pipeline, study_lib, train, trainer
+
+
+class Study:
+  """The arms of a study over one `pipeline.Pipeline` (its workdir, data and recipe)."""
+
+  def __init__(self, stages: pipeline.Pipeline, arms: list[study_lib.Arm]):
+    self.stages, self.arms = stages, arms
+    self.root = stages.root
+
+  def _once(self, name: str, done: tuple[str, ...], run) -> None:
+    """Runs a shared piece of work unless its metrics exist; logged, so a test can count runs."""
+    if self.stages.done(*done):
+      return
+    logging.info("study: %s: starting", name)
+    self.stages.write_metrics(run(), *done)
+
+  def module_dir(self, module: str) -> epath.Path:
+    return self.root / "modules" / module
+
+  def head(self, arm: study_lib.Arm) -> tuple[Any, Any]:
+    """The arm's frozen head; trains what it needs (once per module and head kind)."""
+    data = self.module_dir(arm.module) / "fmcs_data"
+    self._once(f"fmcs_data {arm.module}", ("modules", arm.module, "fmcs_data"),
+               lambda: self.stages.build_fmcs(arm.module, data))
+    if arm.head == "random":
+      return self.stages.frozen_head(arm.module, data, None)
+    name = "fmce_net" if arm.head == "trained" else f"fmce_net_{arm.head}"
+    trained = self.module_dir(arm.module) / name
+    labels = "phase" if arm.head == "trained" else arm.head
+    self._once(f"{name} {arm.module}", ("modules", arm.module, name),
+               lambda: self.stages.train_fmce_net(data, trained, labels=labels))
+    return self.stages.frozen_head(arm.module, data, trained)
+
+  def run(self) -> dict[str, Any]:
+    s = self.stages
+    s.run(["probe", "cqi"])
+    baselines = {seed: s.backbone_run(self.root / "baseline" / f"seed_{seed}", seed=seed,
+                                      role="baseline", head=None, train_with_head=False)
+                 for seed in s.seeds}
+    results = []
+    for arm in self.arms:
+      head, config = self.head(arm), study_lib.arm_config(s.config, arm)
+      runs = {seed: s.backbone_run(self.root / "arms" / arm.name / f"seed_{seed}", seed=seed,
+                                   role=arm.name, head=head, train_with_head=True, config=config)
+              for seed in s.seeds}
+      results.append((arm, runs))
+    summary = study_lib.summarise(s.config, s.seeds, baselines, results)
+    if jax.process_index() == 0:
+      study_lib.write_study(self.root, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv if argv is None else argv
+  define = lambda: config_flags.DEFINE_config_dict(  # noqa: E731
+      "study", study_lib.study_config(), "The study's grid (`study_lib.study_config`).",
+      lock_config=True)
+  try:
+    config, path = train.parse_flags(argv, define)
+    study = flags.FLAGS.study
+  except (train.CommandLineError, config_lib.ConfigError) as e:
+    return train.fail(str(e))
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  try:
+    arms = study_lib.expand_grid(study, default_module=config.module or models.DEFAULT_MODULE[
+        config.backbone], module_names=models.STAGES[config.backbone])
+    root, lock = train.prepare_workdir(config, path)  # noqa: F841 - held until exit
+    runner = Study(pipeline.Pipeline(config, root), arms)
+  except (config_lib.ConfigError, input_pipeline.DataError) as e:
+    return train.fail(str(e))
+  signal.signal(signal.SIGTERM, trainer.request_preemption)
+  try:
+    runner.run()
+  except trainer.Preempted as e:
+    print(f"fmcejax: {e}", file=sys.stderr)
+    return 0
+  print(f"fmcejax: study done; results in {root / 'study.md'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
