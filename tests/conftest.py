@@ -1,9 +1,14 @@
 """Every test process sees 8 CPU devices, so data parallelism is exercised everywhere."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run the CLI in many processes that compile the same small steps: they share XLA's
+# persistent compilation cache (the same executables, so the same results).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fmcejax-test-jax-cache-")
 
 import pathlib  # noqa: E402
 
