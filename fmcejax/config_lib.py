@@ -23,8 +23,9 @@ OPTIMIZERS = ("sgd", "adamw")
 AUGMENT = ("auto", "on", "off")
 NAN_POLICIES = ("error", "skip")
 # Fields that do not change results: a finished workdir may be re-run with other values.
-RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "checkpoint_every_steps",
-                   "keep_checkpoints", "log_every", "progress_bar", "nan_policy", "input_workers")
+RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "download",
+                   "checkpoint_every_steps", "keep_checkpoints", "log_every", "progress_bar",
+                   "nan_policy", "input_workers")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seeds = "3"                  # a count (3 -> 0,1,2) or a comma list ("0,4,7")
   c.data_dir = ""                # offline archives; "" = search ./data, ../shared/data, ...
   c.tfds_data_dir = ""           # prepared tfds datasets; "" = tfds default
+  c.download = True              # False: never download; for air-gapped clusters
   c.train_examples_limit = 0     # 0 = the whole split
   c.test_examples_limit = 0
   c.augment = "auto"             # auto (crop+flip for CIFAR) | on | off
@@ -218,11 +220,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
              check_data: bool = True) -> None:
   """Checks every field the pipeline reads; raises ConfigError on the first bad one.
 
-  `check_data` also looks for the dataset (prepared, or offline archives) without preparing it.
+  `check_data` also checks that the dataset is prepared, in local archives or to be downloaded,
+  without preparing or downloading it.
   """
-  from fmcejax import input_pipeline, models  # local: keep `--help` and errors fast
+  from fmcejax import datasets, models  # local: keep `--help` and errors fast
 
-  _one_of(config, "dataset", input_pipeline.DATASETS)
+  _one_of(config, "dataset", datasets.DATASETS)
   _one_of(config, "backbone", models.BACKBONES)
   if config.module and config.module not in models.STAGES[config.backbone]:
     raise ConfigError("module", config.module,
@@ -269,10 +272,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
-  """Fails early when neither prepared data nor offline archives exist for `dataset`."""
-  from fmcejax import input_pipeline
+  """Fails early when `dataset` is neither prepared, nor in local archives, nor to download."""
+  from fmcejax import datasets
 
   try:
-    input_pipeline.check_available(config.dataset, config.data_dir, config.tfds_data_dir)
-  except input_pipeline.DataError as e:
+    datasets.check_available(config.dataset, config.data_dir, config.tfds_data_dir,
+                             config.download)
+  except datasets.DataError as e:
     raise ConfigError(e.field, e.value, e.accepted, e.why) from None

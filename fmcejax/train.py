@@ -28,8 +28,8 @@ import orbax.checkpoint as ocp
 from absl import flags
 from ml_collections import config_flags
 
-from fmcejax import (config_lib, cqi, fmce_net, fmcs_data, input_pipeline, models, parallel,
-                     report, steps, trainer)
+from fmcejax import (config_lib, cqi, datasets, fmce_net, fmcs_data, input_pipeline, models,
+                     parallel, report, steps, trainer)
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.py"
 
@@ -47,10 +47,12 @@ class Pipeline:
     self.module = config.module or models.DEFAULT_MODULE[config.backbone]
     # Process 0 prepares first: on a shared tfds_data_dir the others then find it prepared.
     if jax.process_index() == 0:
-      self.info = input_pipeline.prepare(config.dataset, config.data_dir, config.tfds_data_dir)
+      self.info = datasets.prepare(config.dataset, config.data_dir, config.tfds_data_dir,
+                                   config.download)
     parallel.sync("prepare")
     if jax.process_index() != 0:
-      self.info = input_pipeline.prepare(config.dataset, config.data_dir, config.tfds_data_dir)
+      self.info = datasets.prepare(config.dataset, config.data_dir, config.tfds_data_dir,
+                                   config.download)
     self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     self.loop = trainer.LoopOptions(
         log_every=config.log_every, checkpoint_every_steps=config.checkpoint_every_steps,
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = lock_workdir(workdir)  # noqa: F841 - held until exit
     check_workdir(config, workdir)
     pipeline = Pipeline(config, workdir)
-  except (config_lib.ConfigError, input_pipeline.DataError) as e:
+  except (config_lib.ConfigError, datasets.DataError) as e:
     return _fail(str(e))
   signal.signal(signal.SIGTERM, trainer.request_preemption)
   try:

@@ -61,7 +61,7 @@ def test_notebook_runs_headless_on_real_mnist(tmp_path, mnist_tfds, python_kerne
   workdir = tmp_path / "workdir"
   injected = nbformat.v4.new_code_cell(
       f"WORKDIR = {str(workdir)!r}\nDATA_DIR = {str(SHARED_DATA)!r}\n"
-      f"TFDS_DATA_DIR = {mnist_tfds!r}\nDOWNLOAD_MNIST = False\nCONFIG = ''\n"
+      f"TFDS_DATA_DIR = {mnist_tfds!r}\nCONFIG = ''\n"
       f"OVERRIDES = {TINY!r}\n")
   injected.metadata["tags"] = ["injected-parameters"]
   nb.cells.insert(index + 1, injected)
