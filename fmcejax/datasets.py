@@ -362,7 +362,7 @@ def prepare(dataset: str, data_dir: str = "", tfds_data_dir: str = "",
   """
   source = check_available(dataset, data_dir, tfds_data_dir, download)
   if source is not None:
-    local = None if source == DOWNLOAD else source
+    local = source if isinstance(source, pathlib.Path) else None  # else DOWNLOAD
     builder = _BUILDERS[dataset](source=local, data_dir=tfds_data_dir or None,
                                  file_format="array_record")
     try:

@@ -38,6 +38,8 @@ def test_notebook_is_valid_and_has_a_parameters_cell():
   for name in ("WORKDIR", "DATA_DIR", "OVERRIDES"):
     assert name in tagged[0].source
   assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "stored outputs"
+  # Data comes through the package (prepared, local archives or its own download): no flags.
+  assert not [c for c in nb.cells if "DOWNLOAD" in c.source or "urlretrieve" in c.source]
 
 
 @pytest.fixture()
