@@ -43,7 +43,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from fmcejax import input_pipeline, models, parallel, steps, trainer
+from fmcejax import datasets, input_pipeline, models, parallel, steps, trainer
 
 NUM_PHASES = 5                        # config_lib default K
 HEAD_WIDTH, HEAD_DEPTH = 64, 2        # config_lib default FMCE-Net
@@ -84,9 +84,9 @@ def _timer(step: Callable[[], None]) -> Callable[[int], list[float]]:
 def _normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """MNIST statistics for 1 channel, CIFAR-10 for 3 (any values would time the same)."""
   if channels == 1:
-    info = input_pipeline.DATASET_INFO["mnist"]
+    info = datasets.DATASET_INFO["mnist"]
   elif channels == 3:
-    info = input_pipeline.DATASET_INFO["cifar10"]
+    info = datasets.DATASET_INFO["cifar10"]
   else:
     return (0.5,) * channels, (0.25,) * channels
   return info.mean, info.std

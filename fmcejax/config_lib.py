@@ -122,11 +122,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
              check_data: bool = True) -> None:
   """Checks every field the pipeline reads; raises ConfigError on the first bad one.
 
-  `check_data` also looks for the dataset (prepared, or offline archives) without preparing it.
+  `check_data` also checks that the dataset is prepared, in local archives or to be downloaded,
+  without preparing or downloading it.
   """
-  from fmcejax import input_pipeline, models  # local: keep `--help` and errors fast
+  from fmcejax import datasets, models  # local: keep `--help` and errors fast
 
-  _one_of(config, "dataset", input_pipeline.DATASETS)
+  _one_of(config, "dataset", datasets.DATASETS)
   _one_of(config, "backbone", models.BACKBONES)
   if config.module and config.module not in models.STAGES[config.backbone]:
     raise ConfigError("module", config.module,
@@ -168,7 +169,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                         "The global batch is split evenly over every device.")
     if value % process_count:
       raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
-  _check_sizes(config, input_pipeline.DATASET_INFO[config.dataset].num_train)
+  _check_sizes(config, datasets.DATASET_INFO[config.dataset].num_train)
   if check_data:
     _check_data(config)
 
@@ -225,10 +226,11 @@ def _check_fmcs_sizes(config: ml_collections.ConfigDict, pool: int) -> None:
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
-  """Fails early when neither prepared data nor offline archives exist for `dataset`."""
-  from fmcejax import input_pipeline
+  """Fails early when `dataset` is neither prepared, nor in local archives, nor to download."""
+  from fmcejax import datasets
 
   try:
-    input_pipeline.check_available(config.dataset, config.data_dir, config.tfds_data_dir)
-  except input_pipeline.DataError as e:
+    datasets.check_available(config.dataset, config.data_dir, config.tfds_data_dir,
+                             config.download)
+  except datasets.DataError as e:
     raise ConfigError(e.field, e.value, e.accepted, e.why) from None

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from fmcejax import (checkpointing, config_lib, cqi, fmce_net, fmcs_data, input_pipeline, models,
-                     parallel, report, steps, trainer, workdir)
+from fmcejax import (checkpointing, config_lib, cqi, datasets, fmce_net, fmcs_data, input_pipeline,
+                     models, parallel, report, steps, trainer, workdir)
 
 STAGES = config_lib.STAGES
 
@@ -34,8 +34,8 @@ class Pipeline:
     self.mesh = parallel.make_mesh()
     self.seeds = config_lib.parse_seeds(config.seeds)
     self.module = config.module or models.DEFAULT_MODULE[config.backbone]
-    self.info = parallel.primary_first("prepare", lambda: input_pipeline.prepare(
-        config.dataset, config.data_dir, config.tfds_data_dir))
+    self.info = parallel.primary_first("prepare", lambda: datasets.prepare(
+        config.dataset, config.data_dir, config.tfds_data_dir, config.download))
     self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     self.loop = trainer.LoopOptions(
         log_every=config.log_every, checkpoint_every_steps=config.checkpoint_every_steps,

@@ -24,7 +24,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from fmcejax import config_lib, input_pipeline, models, pipeline, study_lib, train, trainer
+from fmcejax import config_lib, datasets, models, pipeline, study_lib, train, trainer
 
 
 class Study:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         config.backbone], module_names=models.STAGES[config.backbone])
     root, lock = train.prepare_workdir(config, path)  # noqa: F841 - held until exit
     runner = Study(pipeline.Pipeline(config, root), arms)
-  except (config_lib.ConfigError, input_pipeline.DataError) as e:
+  except (config_lib.ConfigError, datasets.DataError) as e:
     return train.fail(str(e))
   signal.signal(signal.SIGTERM, trainer.request_preemption)
   try:

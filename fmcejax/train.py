@@ -21,7 +21,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from fmcejax import config_lib, input_pipeline, parallel, pipeline, trainer, workdir
+from fmcejax import config_lib, datasets, parallel, pipeline, trainer, workdir
 
 EXIT_BAD_INPUT = 2
 DEFAULT_CONFIG = "mnist_cnn"
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     root, lock = prepare_workdir(config, path)  # noqa: F841 - the lock is held until exit
     stages = pipeline.Pipeline(config, root)
-  except (config_lib.ConfigError, input_pipeline.DataError) as e:
+  except (config_lib.ConfigError, datasets.DataError) as e:
     return fail(str(e))
   signal.signal(signal.SIGTERM, trainer.request_preemption)
   try:

@@ -22,7 +22,7 @@ def mnist_tfds(tmp_path_factory) -> str:
   """Real MNIST (official archives in ../shared/data), prepared once per test session."""
   if not (SHARED_DATA / "mnist").exists():
     pytest.skip(f"real MNIST archives not found in {SHARED_DATA}")
-  from fmcejax import input_pipeline
+  from fmcejax import datasets
   tfds_dir = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.prepare("mnist", str(SHARED_DATA), tfds_dir)
+  datasets.prepare("mnist", str(SHARED_DATA), tfds_dir, download=False)
   return tfds_dir

@@ -55,10 +55,12 @@ def test_a_workdir_that_cannot_be_written_is_exit_2(workdir):
 
 def test_missing_data_names_where_to_put_the_files(tmp_path):
   result = run_cli(f"--workdir={tmp_path / 'w'}", f"--config.data_dir={tmp_path / 'nowhere'}",
-                   f"--config.tfds_data_dir={tmp_path / 'tfds'}", timeout=120)
+                   f"--config.tfds_data_dir={tmp_path / 'tfds'}", "--config.download=False",
+                   timeout=120)
   assert result.returncode == 2
   message = result.stderr.strip().splitlines()[-1]
   assert "'data_dir'" in message and "train-images-idx3-ubyte.gz" in message, message
+  assert "download=False" in message, message
 
 
 def test_unknown_field_and_bad_type_exit_2(tmp_path):

@@ -38,6 +38,8 @@ def test_notebook_is_valid_and_has_a_parameters_cell():
   for name in ("WORKDIR", "DATA_DIR", "OVERRIDES"):
     assert name in tagged[0].source
   assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "stored outputs"
+  # Data comes through the package (prepared, local archives or its own download): no flags.
+  assert not [c for c in nb.cells if "DOWNLOAD" in c.source or "urlretrieve" in c.source]
 
 
 @pytest.fixture()
@@ -61,7 +63,7 @@ def test_notebook_runs_headless_on_real_mnist(tmp_path, mnist_tfds, python_kerne
   workdir = tmp_path / "workdir"
   injected = nbformat.v4.new_code_cell(
       f"WORKDIR = {str(workdir)!r}\nDATA_DIR = {str(SHARED_DATA)!r}\n"
-      f"TFDS_DATA_DIR = {mnist_tfds!r}\nDOWNLOAD_MNIST = False\nCONFIG = ''\n"
+      f"TFDS_DATA_DIR = {mnist_tfds!r}\nCONFIG = ''\n"
       f"OVERRIDES = {TINY!r}\n")
   injected.metadata["tags"] = ["injected-parameters"]
   nb.cells.insert(index + 1, injected)

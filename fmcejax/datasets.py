@@ -1,0 +1,378 @@
+"""Datasets: preparing tfds datasets without TensorFlow, from local archives or tfds's downloads.
+
+tfds is the catalogue and the on-disk format: `<tfds_data_dir>/<name>/<version>` in array_record,
+read by `tfds.data_source` without TensorFlow (input_pipeline.py loads it). tfds's own mnist,
+fashion_mnist, cifar10 and cifar100 builders need TensorFlow only to read the files they
+download, so the builders here subclass them (same name, version, features, official URLs and
+registered checksums; not registered, so tfds's stay the catalogue entries) and read the files
+with numpy/PIL. The prepared directory is the standard one: data prepared by tfds's own builders
+(with TensorFlow) reads the same. `cifar10_jpeg`, a JPEG copy of CIFAR-10, is a dataset of its own
+so no result on it is mistaken for the official CIFAR-10. Archive formats: archives.py.
+
+Lookup order of `prepare`: already prepared, then local archives, then a download through tfds's
+download manager (official URLs and checksums, its download dir `<tfds_data_dir>/downloads`, its
+cache and retries), unless `download=False`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import shutil
+from urllib import parse
+
+import PIL.Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import registered
+from tensorflow_datasets.core import utils as tfds_utils
+from tensorflow_datasets.core.download import checksums as tfds_checksums
+from tensorflow_datasets.core.download import download_manager as tfds_download_manager
+from tensorflow_datasets.image_classification import cifar as tfds_cifar
+from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+from fmcejax import archives
+from fmcejax.archives import CIFAR10_CLASSES, CIFAR10_JPEG_ARCHIVE, IDX_FILES, DataError
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar10_jpeg", "cifar100")
+DOWNLOADABLE = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+DOWNLOAD = "download"  # `check_available`'s answer when `prepare` will download
+DATA_DIR_ENV = "FMCEJAX_DATA_DIR"
+# Searched after $FMCEJAX_DATA_DIR when `data_dir` is empty (relative to the working directory).
+SEARCH_DIRS = ("./data", "../shared/data")
+DEBIAN_FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
+# The official CIFAR archives accepted offline: the binary version (tfds's own source, checked
+# against tfds's registered checksum) and the python version (checked against the MD5 in
+# PYTHON_ARCHIVE_MD5). In each searched root, looked for as <root>/<archive>, then as
+# <root>/<dataset>/<archive>, the binary before the python version.
+CIFAR_ARCHIVES = {"cifar10": ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"),
+                  "cifar100": ("cifar-100-binary.tar.gz", "cifar-100-python.tar.gz")}
+# Published on https://www.cs.toronto.edu/~kriz/cifar.html; tfds registers only the binary ones.
+PYTHON_ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+                      "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model, the device-side normalisation and the step counts need about a dataset."""
+  name: str
+  tfds_name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  mean: tuple[float, ...]  # per channel, [0, 1] pixel units
+  std: tuple[float, ...]
+  num_train: int
+  num_test: int
+  augment: bool  # random crop (pad 4) + horizontal flip by default
+  note: str = ""  # caveat to print next to any result measured on this data
+
+
+# Canonical values; `prepare` replaces the counts by those of the prepared data.
+DATASET_INFO = {
+    "mnist": DatasetInfo("mnist", "mnist", 10, (28, 28, 1), (0.1307,), (0.3081,),
+                         60000, 10000, False),
+    "fashion_mnist": DatasetInfo("fashion_mnist", "fashion_mnist", 10, (28, 28, 1),
+                                 (0.2860,), (0.3530,), 60000, 10000, False),
+    "cifar10": DatasetInfo("cifar10", "cifar10", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), 50000, 10000, True),
+    "cifar10_jpeg": DatasetInfo(
+        "cifar10_jpeg", "cifar10_jpeg", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616), 50000, 10000, True,
+        "JPEG copy of CIFAR-10, not the official files"),
+    "cifar100": DatasetInfo("cifar100", "cifar100", 100, (32, 32, 3), (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762), 50000, 10000, True),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders: tfds's, with the TensorFlow file reading replaced. `source` is the local archive (a
+# directory of IDX files, or a CIFAR tar.gz); None downloads.
+
+class _DownloadFailed(Exception):
+  """Raised inside tfds's preparation; `prepare` turns it into the DataError naming every way."""
+
+  def __init__(self, url: str, target: pathlib.Path, cause: Exception):
+    super().__init__(url)
+    self.url, self.target, self.cause = url, target, cause
+
+
+class _OfficialSource:
+  """Mixin: a local source or tfds's download manager, checked against tfds's checksums."""
+
+  def __init__(self, *, source: pathlib.Path | None = None, **kwargs):
+    super().__init__(**kwargs)
+    self._source = source
+
+  @tfds_utils.classproperty
+  @classmethod
+  def url_infos(cls) -> dict[str, tfds_checksums.UrlInfo]:
+    """tfds's registered checksums of the official URLs. tfds looks them up next to a builder's
+    code, which for these subclasses is fmcejax/, so they are taken from tfds's parent class."""
+    parent = next(c for c in cls.__mro__ if c.__module__.startswith("tensorflow_datasets."))
+    return parent.url_infos
+
+  def _download(self, dl_manager: tfds.download.DownloadManager, url: str) -> pathlib.Path:
+    """One official file, cached in tfds's download dir; nothing is kept of a failed one."""
+    target = pathlib.Path(dl_manager.download_dir) / self.name
+    try:
+      return pathlib.Path(dl_manager.download(url))
+    except (OSError, ValueError, tfds_download_manager.NonMatchingChecksumError,
+            tfds.download.DownloadError) as e:
+      for partial in target.glob("*.tmp.*"):  # tfds leaves a failed download's temporary dir
+        shutil.rmtree(partial, ignore_errors=True)
+      raise _DownloadFailed(url, target, e) from e
+
+
+class _IdxFiles(_OfficialSource):
+  """Mixin for tfds's MNIST builders: the four official IDX .gz files, parsed with numpy and
+  yielded as PIL images (so tfds PNG-encodes with PIL rather than with TensorFlow). Local files
+  are read without a checksum (validated by parsing), so re-gzipped copies such as Debian's work."""
+
+  def _split_generators(self, dl_manager):
+    names = sum(IDX_FILES.values(), ())
+    if self._source is not None:
+      paths = {name: self._source / name for name in names}
+    else:
+      paths = {name: self._download(dl_manager, parse.urljoin(self.URL, name)) for name in names}
+    num_classes = self.info.features["label"].num_classes
+    # Read (and so validate) everything before tfds writes anything.
+    arrays = {split: archives.read_idx_split(paths[images], paths[labels], num_classes)
+              for split, (images, labels) in IDX_FILES.items()}
+    return {split: self._generate_examples(*arrays[split]) for split in IDX_FILES}
+
+  def _generate_examples(self, images, labels):
+    for index, (image, label) in enumerate(zip(images, labels)):
+      yield index, {"image": PIL.Image.fromarray(image), "label": int(label)}
+
+
+class _CifarArchive(_OfficialSource):
+  """Mixin for tfds's CIFAR builders: the official binary archive (downloaded or local) or the
+  python one (local), checked against its official checksum and read with tarfile/numpy."""
+
+  def _split_generators(self, dl_manager):
+    url = self._cifar_info.url
+    if self._source is None:
+      archive, name = self._download(dl_manager, url), url.rsplit("/", 1)[-1]
+    else:
+      archive, name = self._source, self._source.name
+      registered = {info.filename: info.checksum for info in self.url_infos.values()}
+      if name in registered:
+        archives.check_checksum(archive, hashlib.sha256, registered[name])
+      else:
+        archives.check_checksum(archive, hashlib.md5, PYTHON_ARCHIVE_MD5[name])
+    num_classes = {key: self.info.features[key].num_classes for key in self._cifar_info.label_keys}
+    splits, names = archives.read_cifar(archive, name, num_classes)
+    for key, label_names in names.items():  # as tfds's builder does, from the archive
+      self.info.features[key].names = label_names
+    return {split: self._generate_examples(split, *arrays) for split, arrays in splits.items()}
+
+  def _generate_examples(self, split, images, labels):
+    for index, image in enumerate(images):
+      yield index, {"id": f"{split}_{index:05d}", "image": PIL.Image.fromarray(image),
+                    **{key: int(values[index]) for key, values in labels.items()}}
+
+
+with registered.skip_registration():
+
+  class _Mnist(_IdxFiles, tfds_mnist.MNIST):
+    name = "mnist"
+
+  class _FashionMnist(_IdxFiles, tfds_mnist.FashionMNIST):
+    name = "fashion_mnist"
+
+  class _Cifar10(_CifarArchive, tfds_cifar.Cifar10):
+    name = "cifar10"
+
+  class _Cifar100(_CifarArchive, tfds_cifar.Cifar100):
+    name = "cifar100"
+
+
+class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
+  """CIFAR-10 from the JPEG copy (`cifar10-jpeg.tar.gz`); its own name so it is never mistaken
+  for the official `cifar10`. The JPEG bytes are stored unchanged (no second lossy encode)."""
+
+  name = "cifar10_jpeg"
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, source: pathlib.Path | None = None, **kwargs):
+    super().__init__(**kwargs)
+    self._source = source
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="CIFAR-10 re-encoded as 32x32 JPEG (about quality 75); pixels differ "
+                    "slightly from the official binary.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(names=CIFAR10_CLASSES),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # a copy made for this project: nothing to download
+    splits = archives.read_cifar10_jpeg(self._source)
+    return {split: self._generate_examples(examples) for split, examples in splits.items()}
+
+  def _generate_examples(self, examples):
+    for key, data, label in examples:
+      yield key, {"image": data, "label": label}
+
+
+_BUILDERS = {"mnist": _Mnist, "fashion_mnist": _FashionMnist, "cifar10": _Cifar10,
+             "cifar100": _Cifar100, "cifar10_jpeg": Cifar10Jpeg}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and preparing data.
+
+def _check_name(dataset: str) -> None:
+  if dataset not in DATASETS:
+    raise DataError("dataset", dataset, f"Unknown dataset {dataset!r}.", ", ".join(DATASETS))
+
+
+def _roots(data_dir: str) -> list[pathlib.Path]:
+  if data_dir:
+    roots = [data_dir]
+  else:
+    roots = [os.environ[DATA_DIR_ENV]] if os.environ.get(DATA_DIR_ENV) else []
+    roots += SEARCH_DIRS
+  return [pathlib.Path(root).expanduser().resolve() for root in roots]
+
+
+def _candidates(dataset: str, data_dir: str) -> list[pathlib.Path]:
+  """Where the local source of `dataset` may be: a directory of IDX files or a tar.gz."""
+  roots = _roots(data_dir)
+  if dataset == "cifar10_jpeg":
+    return [root / CIFAR10_JPEG_ARCHIVE for root in roots]
+  if dataset in CIFAR_ARCHIVES:
+    return [place / name for root in roots for place in (root, root / dataset)
+            for name in CIFAR_ARCHIVES[dataset]]
+  places = [root / dataset for root in roots]
+  return places + ([DEBIAN_FASHION_MNIST] if dataset == "fashion_mnist" and not data_dir else [])
+
+
+def find_archives(dataset: str, data_dir: str) -> pathlib.Path | None:
+  """The first local source of `dataset` (directory of IDX files, or the tar.gz), else None.
+
+  Only checks that the files exist (cheap, for input validation before compiling); `prepare`
+  validates their content. `data_dir` empty searches `$FMCEJAX_DATA_DIR`, `./data`,
+  `../shared/data` and, for fashion_mnist, `/usr/share/datasets/fashion-mnist`.
+  """
+  _check_name(dataset)
+  for place in _candidates(dataset, data_dir):
+    if dataset in ("mnist", "fashion_mnist"):
+      if all((place / name).is_file() for name in sum(IDX_FILES.values(), ())):
+        return place
+    elif place.is_file():
+      return place
+  return None
+
+
+def _builder(dataset: str, tfds_data_dir: str) -> tfds.core.DatasetBuilder:
+  """The catalogue builder (reads; tfds chooses the data dir when `tfds_data_dir` is empty)."""
+  return tfds.builder(dataset, data_dir=tfds_data_dir or None)
+
+
+def is_prepared(dataset: str, tfds_data_dir: str = "") -> bool:
+  """Whether `dataset` is fully prepared (tfds renames a finished preparation into place)."""
+  _check_name(dataset)
+  return _builder(dataset, tfds_data_dir).is_prepared()
+
+
+def _files_wanted(dataset: str) -> str:
+  if dataset == "cifar10_jpeg":
+    return (f"{CIFAR10_JPEG_ARCHIVE} (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg) "
+            "in <data_dir>/")
+  if dataset in CIFAR_ARCHIVES:
+    return (f"the official {' or '.join(CIFAR_ARCHIVES[dataset])} in <data_dir>/ or "
+            f"<data_dir>/{dataset}/")
+  return (f"the four official files {', '.join(sum(IDX_FILES.values(), ()))} "
+          f"in <data_dir>/{dataset}/")
+
+
+def _missing(dataset: str, data_dir: str, tfds_data_dir: str, download: bool,
+             failed: _DownloadFailed | None = None) -> DataError:
+  """The one error naming all three ways: prepared, local archives, download."""
+  builder = _builder(dataset, tfds_data_dir)
+  searched = ", ".join(str(p) for p in _candidates(dataset, data_dir))
+  if failed is not None:
+    how = (f"Downloading {failed.url} into {failed.target} failed "
+           f"({type(failed.cause).__name__}: {failed.cause}); nothing of it was kept, so the same "
+           "command downloads it again.")
+  elif dataset not in DOWNLOADABLE:
+    how = "It cannot be downloaded (a JPEG copy made for this project)."
+  else:
+    how = "Downloads are off (download=False); with download=True tfds downloads it."
+  if dataset == "cifar10":
+    how += " Offline without the official archives, cifar10_jpeg (the JPEG copy) works."
+  debian = (" (or run `apt-get install dataset-fashion-mnist`, found at "
+            f"{DEBIAN_FASHION_MNIST})" if dataset == "fashion_mnist" else "")
+  accepted = (f"a data_dir with {_files_wanted(dataset)}{debian}; with data_dir empty, "
+              f"${DATA_DIR_ENV}, {', '.join(SEARCH_DIRS)} are searched")
+  if failed is not None:
+    accepted = (f"a connection to {parse.urlsplit(failed.url).netloc} (through HTTPS_PROXY / "
+                f"HTTP_PROXY if needed), then the same command again; or {accepted}")
+  elif dataset in DOWNLOADABLE:
+    accepted += "; or download=True on a connected machine"
+  return DataError(
+      "download" if failed else "data_dir", failed.url if failed else data_dir,
+      f"{dataset} is not prepared at {builder.data_dir} (or copy a directory prepared by `tfds "
+      f"build {builder.name} --file_format=array_record` there), no local files were found "
+      f"(searched: {searched}). {how}", accepted)
+
+
+def check_available(dataset: str, data_dir: str = "", tfds_data_dir: str = "",
+                    download: bool = True) -> pathlib.Path | str | None:
+  """Where `prepare` will take `dataset` from, or DataError naming every way when none is open.
+
+  Cheap (config validation runs it before anything compiles): it looks for files, never reads
+  or downloads them. Returns None when the dataset is already prepared, the local archive
+  `prepare` will read, or DOWNLOAD when `prepare` will download it.
+  """
+  _check_name(dataset)
+  if is_prepared(dataset, tfds_data_dir):
+    return None
+  source = find_archives(dataset, data_dir)
+  if source is not None:
+    return source
+  if download and dataset in DOWNLOADABLE:
+    return DOWNLOAD
+  raise _missing(dataset, data_dir, tfds_data_dir, download)
+
+
+def prepare(dataset: str, data_dir: str = "", tfds_data_dir: str = "",
+            download: bool = True) -> DatasetInfo:
+  """Prepares `dataset` if needed (idempotent) and returns its info.
+
+  Already prepared at `<tfds_data_dir>/<name>/<version>`: used as it is. Else the first local
+  archive (`find_archives`), else (mnist, fashion_mnist, cifar10, cifar100, unless `download` is
+  False) the official files through tfds's download manager, cached in
+  `<tfds_data_dir>/downloads` and checked against tfds's registered checksums. tfds writes into a
+  temporary sibling directory and renames it into place only on success, and a failed download
+  is not kept, so a failure leaves nothing `is_prepared` accepts and a re-run starts over.
+
+  Multi-host: call it on process 0 first, then (after a barrier) on the others. On a shared
+  `tfds_data_dir` they find it prepared, so nothing is downloaded twice; on per-host disks each
+  host prepares its own copy. Should two processes still prepare the same directory at once,
+  the one whose rename loses finds it prepared and carries on.
+  """
+  source = check_available(dataset, data_dir, tfds_data_dir, download)
+  if source is not None:
+    local = source if isinstance(source, pathlib.Path) else None  # else DOWNLOAD
+    builder = _BUILDERS[dataset](source=local, data_dir=tfds_data_dir or None,
+                                 file_format="array_record")
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          force_checksums_validation=True))
+    except _DownloadFailed as e:
+      raise _missing(dataset, data_dir, tfds_data_dir, download, e) from e.cause
+    except OSError:
+      if not is_prepared(dataset, tfds_data_dir):  # else another process finished it first
+        raise
+  splits = _builder(dataset, tfds_data_dir).info.splits
+  return dataclasses.replace(DATASET_INFO[dataset], num_train=splits["train"].num_examples,
+                             num_test=splits["test"].num_examples)
