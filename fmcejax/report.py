@@ -12,7 +12,7 @@ Conventions:
 * Seeds are reported in ascending order; every per-seed list follows that order.
 * Plots use matplotlib's ``Figure`` directly (Agg canvas), never pyplot, so nothing global (the
   backend of a notebook, pyplot's figure registry) is touched.
-* Every file is written atomically (temp file in the same directory, then ``os.replace``), so a
+* Every file is written atomically (temp file in the same directory, then a replace), so a
   killed run never leaves a half-written report for a resumed run to trust.
 """
 
@@ -22,12 +22,13 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
 
 PLOTS = ("plot_cqi.png", "plot_accuracy.png", "plot_fmcs.png")
@@ -41,23 +42,29 @@ _LABELS = {"baseline": "baseline (alpha = 0)", "fmcenetpp": "FMCE-Net++"}
 
 @contextlib.contextmanager
 def _atomic_open(path: str | os.PathLike, mode: str) -> Iterator[TextIO | BinaryIO]:
-    """Open a temp file beside ``path``; on success fsync and ``os.replace`` it onto ``path``."""
-    path = Path(path)
+    """Open a temp file beside ``path``; on success replace ``path`` with it.
+
+    Goes through ``etils.epath``, so a ``gs://`` workdir works too (there the object appears
+    whole when the upload closes); a local temp file is fsynced before ``os.replace``.
+    """
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    local = "://" not in os.fspath(path)
     try:
-        with os.fdopen(fd, mode) as f:
+        with tmp.open(mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if local:
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """JSON-ready copy: non-finite floats -> None, numpy/ConfigDict/tuples -> Python builtins."""
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
@@ -66,27 +73,27 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
+        return plain(obj.tolist())
     if isinstance(obj, Mapping) or hasattr(obj, "items"):  # ConfigDict is not a Mapping
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically; NaN/inf become null (strict JSON, never ``NaN``)."""
-    text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(plain(obj), indent=2, allow_nan=False) + "\n"
     with _atomic_open(path, "w") as f:
         f.write(text)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with _atomic_open(path, "w") as f:
         f.write(text)
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     with _atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
 
@@ -137,14 +144,14 @@ def _read_run(workdir: Path, run: str, seed: int) -> dict:
 # Statistics.
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (ddof=1); std is 0.0 for a single value."""
     values = np.asarray(values, dtype=np.float64)
     std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
     return float(np.mean(values)), std
 
 
-def _band(histories: Sequence[Sequence[Mapping]], key: str) -> tuple[np.ndarray, ...]:
+def band(histories: Sequence[Sequence[Mapping]], key: str) -> tuple[np.ndarray, ...]:
     """Per-epoch mean, min and max of ``key`` over seeds, aligned by epoch; None/absent -> NaN."""
     epochs = np.array(sorted({int(row["epoch"]) for h in histories for row in h}))
     column = {int(e): i for i, e in enumerate(epochs)}
@@ -190,7 +197,7 @@ def _plot_cqi(cqi_json: Mapping, path: Path) -> None:
     ax_cqi.set_ylabel("CQI (log)")
     ax_cqi.legend(fontsize="small")
     fig.suptitle("Probe run: loss, CQI and convergence phases")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_runs(
@@ -200,7 +207,7 @@ def _plot_runs(
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     for i, (run, histories) in enumerate(runs.items()):
-        epochs, mean, lo, hi = _band([m["history"] for m in histories], key)
+        epochs, mean, lo, hi = band([m["history"] for m in histories], key)
         label = f"{_LABELS[run]} (mean of {len(histories)} seeds)"
         ax.plot(epochs, mean * scale, marker=".", color=f"C{i}", label=label)
         ax.fill_between(epochs, lo * scale, hi * scale, color=f"C{i}", alpha=0.2, linewidth=0)
@@ -208,7 +215,7 @@ def _plot_runs(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,9 +285,9 @@ def write_report(workdir: str | os.PathLike, config: Mapping) -> dict:
     baseline = [m["test_accuracy"] for m in runs["baseline"]]
     fmcenetpp = [m["test_accuracy"] for m in runs["fmcenetpp"]]
     gains = [(f - b) * 100.0 for b, f in zip(baseline, fmcenetpp)]
-    gain_mean, gain_std = _mean_std(gains)
-    base_mean, base_std = _mean_std(baseline)
-    fpp_mean, fpp_std = _mean_std(fmcenetpp)
+    gain_mean, gain_std = mean_std(gains)
+    base_mean, base_std = mean_std(baseline)
+    fpp_mean, fpp_std = mean_std(fmcenetpp)
 
     report = {
         "dataset": config["dataset"],
@@ -307,7 +314,7 @@ def write_report(workdir: str | os.PathLike, config: Mapping) -> dict:
         "fmcs_mae": fmce_net["fmcs_mae"],
         "plots": list(PLOTS),
     }
-    report = _plain(report)  # ConfigDict alpha, numpy scalars -> plain JSON values
+    report = plain(report)  # ConfigDict alpha, numpy scalars -> plain JSON values
 
     _plot_cqi(cqi_json, workdir / "plot_cqi.png")
     _plot_runs(
@@ -318,6 +325,6 @@ def write_report(workdir: str | os.PathLike, config: Mapping) -> dict:
         runs, "fmcs", 1.0, "mean predicted FMCS",
         "FMCS trajectory (frozen FMCE-Net, held-out batch)", workdir / "plot_fmcs.png",
     )
-    _atomic_write_text(workdir / "report.md", _markdown(report))
+    atomic_write_text(workdir / "report.md", _markdown(report))
     atomic_write_json(workdir / "report.json", report)
     return report
