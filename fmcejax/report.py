@@ -101,14 +101,14 @@ def summarise_runs(runs: Sequence[Mapping], seeds: Sequence[int], alpha: float) 
     }
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (ddof=1); std is 0.0 for a single value."""
     values = np.asarray(values, dtype=np.float64)
     std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
     return float(np.mean(values)), std
 
 
-def _band(histories: Sequence[Sequence[Mapping]], key: str) -> tuple[np.ndarray, ...]:
+def band(histories: Sequence[Sequence[Mapping]], key: str) -> tuple[np.ndarray, ...]:
     """Per-epoch mean, min and max of ``key`` over seeds, aligned by epoch; None/absent -> NaN."""
     epochs = np.array(sorted({int(row["epoch"]) for h in histories for row in h}))
     column = {int(e): i for i, e in enumerate(epochs)}
@@ -164,7 +164,7 @@ def _plot_runs(
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     for i, (run, histories) in enumerate(runs.items()):
-        epochs, mean, lo, hi = _band([m["history"] for m in histories], key)
+        epochs, mean, lo, hi = band([m["history"] for m in histories], key)
         label = f"{_LABELS[run]} (mean of {len(histories)} seeds)"
         ax.plot(epochs, mean * scale, marker=".", color=f"C{i}", label=label)
         ax.fill_between(epochs, lo * scale, hi * scale, color=f"C{i}", alpha=0.2, linewidth=0)
@@ -242,9 +242,9 @@ def write_report(root: epath.PathLike, config: Mapping) -> dict:
     baseline = [m["test_accuracy"] for m in runs["baseline"]]
     fmcenetpp = [m["test_accuracy"] for m in runs["fmcenetpp"]]
     gains = [(f - b) * 100.0 for b, f in zip(baseline, fmcenetpp)]
-    gain_mean, gain_std = _mean_std(gains)
-    base_mean, base_std = _mean_std(baseline)
-    fpp_mean, fpp_std = _mean_std(fmcenetpp)
+    gain_mean, gain_std = mean_std(gains)
+    base_mean, base_std = mean_std(baseline)
+    fpp_mean, fpp_std = mean_std(fmcenetpp)
 
     report = {
         "dataset": config["dataset"],

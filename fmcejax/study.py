@@ -24,7 +24,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from fmcejax import config_lib, datasets, models, pipeline, study_lib, train, trainer
+from fmcejax import config_lib, datasets, models, parallel, pipeline, study_lib, train, trainer
 
 
 class Study:
@@ -66,12 +66,13 @@ class Study:
                  for seed in s.seeds}
     results = []
     for arm in self.arms:
-      head, config = self.head(arm), study_lib.arm_config(s.config, arm)
+      head, config = self.head(arm), arm.run_config(s.config)
       runs = {seed: s.backbone_run(self.root / "arms" / arm.name / f"seed_{seed}", seed=seed,
                                    role=arm.name, head=head, train_with_head=True, config=config)
               for seed in s.seeds}
       results.append((arm, runs))
-    summary = study_lib.summarise(s.config, s.seeds, baselines, results)
+    summary = study_lib.build_study(dataset=s.config.dataset, backbone=s.config.backbone,
+                                    baseline=baselines, arms=results)
     if jax.process_index() == 0:
       study_lib.write_study(self.root, summary)
     return summary
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
   except (train.CommandLineError, config_lib.ConfigError) as e:
     return train.fail(str(e))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  parallel.initialize_distributed()
   try:
     arms = study_lib.expand_grid(study, default_module=config.module or models.DEFAULT_MODULE[
         config.backbone], module_names=models.STAGES[config.backbone])
