@@ -8,6 +8,7 @@ import pytest
 
 from fmcejax import config_lib
 from fmcejax import study_lib
+from fmcejax.configs import mnist_cnn
 
 MODULES = ("conv1", "conv2", "conv3")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,7 +71,7 @@ def test_controls_can_be_empty():
                                                   ("regression", "convex", "regression")])
 def test_arm_sets_the_run_config_fields(variant, ral, target):
   arm = _grid(variants=variant, controls="", modules="conv2", alphas="0.3")[0]
-  config = config_lib.small_cnn_recipe("mnist")
+  config = mnist_cnn.get_config()
   config.lock()
   run = arm.run_config(config)
   assert (run.alpha, run.module, run.ral, run.ral_target) == (0.3, "conv2", ral, target)
