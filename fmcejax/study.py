@@ -35,7 +35,7 @@ class Study:
     self.root = stages.root
 
   def _once(self, name: str, done: tuple[str, ...], run) -> None:
-    """Runs a shared piece of work unless its metrics exist; logged, so a test can count runs."""
+    """Runs a shared piece of work unless its metrics exist."""
     if self.stages.done(*done):
       return
     logging.info("study: %s: starting", name)
