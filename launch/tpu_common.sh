@@ -22,7 +22,7 @@ Commands (each step on every worker of the slice):
   create    create the TPU (a PREEMPTED/TERMINATED one of that name is deleted first;
             a READY one is reused)
   setup     upload this checkout (or git clone --repo-url), make a Python 3.11 virtualenv with
-            uv, pip install -e '.[tpu]', mount the --bucket with gcsfuse, copy the --data
+            uv, pip install -e '.[tpu,gcs]', copy the --data
   run       python -m fmcejax.train on every worker at once (JAX finds the other hosts itself)
   logs      last lines of each worker's log (after run --detach)
   fetch     copy the workdir (results, plots, TensorBoard logs) to --results
@@ -42,8 +42,8 @@ Options:
   --accelerator-type TYPE  slice type (default: $DEFAULT_ACCEL)
   --version VERSION        TPU software version (default: v2-alpha-tpuv5-lite, for v5e)
   --spot | --preemptible   cheaper capacity that can be preempted (then resume as above)
-  --bucket gs://B[/PREFIX] keep the workdir in this bucket, mounted with gcsfuse at
-                           /mnt/fmcejax on every worker$([[ "$MODE" == pod ]] && printf ' [required: every host\n                           must see the same workdir]')
+  --bucket gs://B[/PREFIX] keep the workdir in this bucket: --workdir gs://B/PREFIX/RUN_NAME,
+                           written through etils.epath and Orbax$([[ "$MODE" == pod ]] && printf ' [required: every host\n                           must see the same workdir]')
   --run-name NAME          workdir subdirectory (default: the TPU name)
   --data SRC               dataset archives (e.g. SRC/mnist/*-ubyte.gz): a gs:// folder
                            or a local folder, copied to every worker
@@ -132,25 +132,14 @@ WHERE=("--zone=$ZONE")
   R_DATA='$HOME/fmcejax-data'
   R_LOG='$HOME/fmcejax-run.log'
 }
-MOUNT=/mnt/fmcejax
 if [[ -n "$BUCKET" ]]; then
-  BUCKET_NAME="${BUCKET#gs://}"; BUCKET_NAME="${BUCKET_NAME%%/*}"
-  BUCKET_PREFIX="${BUCKET#gs://"$BUCKET_NAME"}"; BUCKET_PREFIX="${BUCKET_PREFIX#/}"; BUCKET_PREFIX="${BUCKET_PREFIX%/}"
-  WORKDIR="$MOUNT/$RUN_NAME"
+  WORKDIR="${BUCKET%/}/$RUN_NAME"
 else
   WORKDIR="../fmcejax-work/$RUN_NAME"
 fi
 
 on_workers() {  # on_workers COMMAND_STRING: runs it on every worker over ssh
   run "${GCLOUD_TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"
-}
-
-mount_cmd() {  # a shell snippet that mounts the bucket unless it already is
-  local only=""
-  [[ -z "$BUCKET_PREFIX" ]] || only="--only-dir=$BUCKET_PREFIX "
-  printf '%s' "sudo mkdir -p $MOUNT && sudo chown \"\$(id -u):\$(id -g)\" $MOUNT && " \
-    "{ mountpoint -q $MOUNT || gcsfuse --implicit-dirs --rename-dir-limit=1000000 " \
-    "$only$BUCKET_NAME $MOUNT; }"
 }
 
 tpu_state() {  # prints the TPU's state, or nothing if there is no such TPU
@@ -189,10 +178,7 @@ cmd_setup() {
     on_workers "set -e; rm -rf $R_SRC; mkdir -p $R_SRC; tar -xzf \$HOME/fmcejax-src.tgz -C $R_SRC"
   fi
   # TPU VM images ship Python 3.10; uv provides 3.11 (a system python3.11 if there is one).
-  on_workers "set -e; cd $R_SRC; if [ ! -x $R_VENV/bin/python ]; then python3 -m pip install --user --quiet uv; \$HOME/.local/bin/uv venv --seed --python 3.11 $R_VENV; fi; $R_VENV/bin/pip install --quiet -e \".[tpu]\"; $R_VENV/bin/python -c \"import fmcejax, jax; print('fmcejax ready, jax', jax.__version__)\""
-  if [[ -n "$BUCKET" ]]; then
-    on_workers "set -e; if ! command -v gcsfuse >/dev/null; then curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null; echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; sudo apt-get update -q; sudo apt-get install -y -q gcsfuse; fi; $(mount_cmd)"
-  fi
+  on_workers "set -e; cd $R_SRC; if [ ! -x $R_VENV/bin/python ]; then python3 -m pip install --user --quiet uv; \$HOME/.local/bin/uv venv --seed --python 3.11 $R_VENV; fi; $R_VENV/bin/pip install --quiet -e \".[tpu,gcs]\"; $R_VENV/bin/python -c \"import fmcejax, jax; print('fmcejax ready, jax', jax.__version__)\""
   if [[ "$DATA" == gs://* ]]; then
     on_workers "set -e; mkdir -p $R_DATA; gcloud storage rsync -r $(quote "$DATA") $R_DATA"
   elif [[ -n "$DATA" ]]; then
@@ -212,7 +198,6 @@ cmd_run() {
   line="$(quote "${train[@]}")"
   # Several hosts: jax.distributed.initialize() with no arguments (fmcejax/parallel.py).
   [[ "$MODE" != pod ]] || env="FMCEJAX_DISTRIBUTED=auto "
-  [[ -z "$BUCKET" ]] || prefix+="$(mount_cmd); "
   if [[ "$DETACH" == 1 ]]; then
     on_workers "${prefix}cd $R_SRC; ${env}nohup setsid $line > $R_LOG 2>&1 < /dev/null & echo \"started; log in $R_LOG\""
   else
