@@ -78,7 +78,9 @@ def train(config: ml_collections.ConfigDict, data_dir: epath.Path, out: epath.Pa
 
 def evaluate(model: models.FMCENet, variables: Any, holdout, mesh: Mesh,
              global_batch: int) -> dict[str, Any]:
-  """Phase accuracy, FMCS mean absolute error and the confusion matrix on held-out images."""
+  """Phase accuracy, FMCS mean absolute error and the confusion matrix on held-out images, and
+  the mean probability of the true phase: 1/K for a head that knows nothing, whatever its argmax
+  happens to favour."""
   k = model.num_phases
 
   def sums(v, batch):
@@ -88,13 +90,14 @@ def evaluate(model: models.FMCENet, variables: Any, holdout, mesh: Mesh,
     err = jnp.abs(steps.predicted_fmcs(logits) - steps.fmcs_scores(k)[batch["label"]])
     onehot = jax.nn.one_hot(batch["label"], k) * mask[:, None]
     return {"confusion": onehot.T @ jax.nn.one_hot(pred, k), "abs_err": (err * mask).sum(),
-            "count": mask.sum()}
+            "true_prob": (jax.nn.softmax(logits) * onehot).sum(), "count": mask.sum()}
 
   total = evaluation.over_dataset(evaluation.jit(sums, mesh), parallel.replicate(variables, mesh),
                                   holdout, mesh, global_batch=global_batch)
   confusion = np.rint(total["confusion"]).astype(int)
   return {"phase_accuracy": float(np.trace(confusion) / confusion.sum()),
           "fmcs_mae": float(total["abs_err"] / total["count"]),
+          "phase_probability": float(total["true_prob"] / total["count"]),
           "confusion": confusion.tolist()}
 
 

@@ -92,8 +92,8 @@ def _load(p: epath.Path) -> np.ndarray:
 class Source:
   """Random-access rows (phase, image) of the FMCS-Dataset.
 
-  With `labels="shuffled"` each row's phase label is another row's (a fixed permutation of all
-  rows of the split): the control head of a study, which learns no convergence knowledge.
+  With `labels="shuffled"` the labels carry no phase: the control head of a study, which can
+  learn no convergence knowledge (`_balanced_shuffle`).
   """
 
   def __init__(self, directory: epath.PathLike, split: str, labels: str = "phase"):
@@ -106,7 +106,7 @@ class Source:
     self._images = np.asarray(meta[f"{split}_images"], np.int64)
     self._labels = np.repeat(np.arange(self.num_phases, dtype=np.int32), len(self._images))
     if labels == "shuffled":
-      self._labels = np.random.default_rng(meta.get("seed", 0)).permutation(self._labels)
+      self._labels = _balanced_shuffle(self.num_phases, len(self._images), meta.get("seed", 0))
     self.feature_shape = tuple(self._phases[0].shape[1:])
 
   def __len__(self) -> int:
@@ -116,6 +116,15 @@ class Source:
     phase, i = divmod(int(row), len(self._images))
     return {"image": np.asarray(self._phases[phase][self._images[i]]),
             "label": self._labels[row]}
+
+
+def _balanced_shuffle(num_phases: int, num_images: int, seed: int) -> np.ndarray:
+  """Row labels (phase-major rows) where every phase's rows hold each label equally often, in a
+  random order: a plain permutation of all labels leaves chance imbalances per phase, which a
+  head learns as a scrambled phase code (convergence knowledge under other names)."""
+  rng = np.random.default_rng(seed)
+  balanced = np.resize(np.arange(num_phases, dtype=np.int32), num_images)
+  return np.concatenate([rng.permutation(balanced) for _ in range(num_phases)])
 
 
 def dataset(directory: epath.PathLike, split: str, labels: str = "phase") -> grain.MapDataset:

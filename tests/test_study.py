@@ -104,8 +104,12 @@ def test_the_control_heads_know_nothing(study):
   workdir, _ = study
   shuffled = json.loads((Path(workdir) / "modules/conv2/fmce_net_shuffled/metrics.json")
                         .read_text())
+  trained = json.loads((Path(workdir) / "modules/conv2/fmce_net/metrics.json").read_text())
   assert shuffled["labels"] == "shuffled"
-  assert abs(shuffled["phase_accuracy"] - 1 / 5) < 0.1, shuffled["phase_accuracy"]
+  # Chance is 1/K: its mean probability of the true phase is there, and its argmax (all but
+  # constant for a head with nothing to go on) is right for a phase or two at most.
+  assert abs(shuffled["phase_probability"] - 1 / 5) < 0.05, shuffled
+  assert shuffled["phase_accuracy"] <= 0.4 < trained["phase_accuracy"], (shuffled, trained)
   from fmcejax import fmce_net, parallel
   from fmcejax.configs import mnist_cnn
   config = mnist_cnn.get_config()
