@@ -21,6 +21,7 @@ ALPHA_SCHEDULES = ("constant", "linear", "cosine")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENT = ("auto", "on", "off")
+INPUT_ON_DEVICE = ("auto", "on", "off")
 NAN_POLICIES = ("error", "skip")
 # Fields that do not change results: a finished workdir may be re-run with other values.
 RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "checkpoint_every_steps",
@@ -44,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.test_examples_limit = 0
   c.augment = "auto"             # auto (crop+flip for CIFAR) | on | off
   c.input_workers = "auto"       # grain worker processes: auto (see parse_input_workers) | N
+  c.input_on_device = "auto"     # split held on the devices: auto (if < 200 MB) | on | off
   c.dtype = "float32"            # compute dtype; parameters stay float32
 
   # Recipe of the backbone runs (probe, baseline, fmcenetpp).
@@ -233,6 +235,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   parse_input_workers(config.input_workers, "cpu", 1)
   _one_of(config, "dtype", DTYPES)
   _one_of(config, "augment", AUGMENT)
+  _one_of(config, "input_on_device", INPUT_ON_DEVICE)
   _one_of(config, "optimizer", OPTIMIZERS)
   _one_of(config, "lr_schedule", LR_SCHEDULES)
   _one_of(config, "ral", RAL_MODES)
@@ -264,8 +267,22 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
                         "The global batch is split evenly over every device.")
     if value % process_count:
       raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
+  _check_input_on_device(config)
   if check_data:
     _check_data(config)
+
+
+def _check_input_on_device(config: ml_collections.ConfigDict) -> None:
+  """input_on_device=on needs every backbone run's training split to fit on the devices."""
+  from fmcejax import device_input, input_pipeline
+
+  info = input_pipeline.DATASET_INFO[config.dataset]
+  for field in ("train_examples_limit", "probe.train_examples_limit"):
+    limit = _get(config, field)
+    if config.input_on_device == "on" and not device_input.fits_on_device(info, limit):
+      raise ConfigError("input_on_device", "on", '"auto" or "off" for this dataset',
+                        f"{config.dataset} with {field}={limit} takes "
+                        f"{device_input.MAX_DEVICE_BYTES // 10**6} MB or more as uint8.")
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:

@@ -28,8 +28,8 @@ import orbax.checkpoint as ocp
 from absl import flags
 from ml_collections import config_flags
 
-from fmcejax import (config_lib, cqi, fmce_net, fmcs_data, input_pipeline, models, parallel,
-                     report, steps, trainer)
+from fmcejax import (config_lib, cqi, device_input, fmce_net, fmcs_data, input_pipeline, models,
+                     parallel, report, steps, trainer)
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.py"
 
@@ -86,10 +86,16 @@ class Pipeline:
     c = self.config
     model = models.create_backbone(c.backbone, self.info.num_classes, self.dtype)
     augment = {"auto": None, "on": True, "off": False}[c.augment]
-    train_data = input_pipeline.train_dataset(
-        self.info, global_batch=c.batch_size, epochs=epochs, seed=seed, limit=limit,
-        augment=augment, process_index=jax.process_index(),
-        process_count=jax.process_count(), tfds_data_dir=c.tfds_data_dir)
+    on_device = device_input.use_device_input(c.input_on_device, self.info, limit)
+    if on_device:
+      train_data = device_input.train_batches(
+          self.info, global_batch=c.batch_size, epochs=epochs, seed=seed, mesh=self.mesh,
+          limit=limit, augment=augment, tfds_data_dir=c.tfds_data_dir)
+    else:
+      train_data = input_pipeline.train_dataset(
+          self.info, global_batch=c.batch_size, epochs=epochs, seed=seed, limit=limit,
+          augment=augment, process_index=jax.process_index(),
+          process_count=jax.process_count(), tfds_data_dir=c.tfds_data_dir)
     spe = input_pipeline.steps_per_epoch(self.info, c.batch_size, limit)
     lr = steps.learning_rate_schedule(c.learning_rate, c.lr_schedule,
                                       int(c.warmup_epochs * spe), spe * epochs)
@@ -102,7 +108,8 @@ class Pipeline:
         tx=tx, learning_rate=lr, seed=seed,
         identity={"role": role, "dataset": c.dataset, "backbone": c.backbone, "seed": seed,
                   "epochs": epochs, "batch_size": c.batch_size, "limit": limit,
-                  "alpha": c.alpha if train_with_head else 0.0},
+                  "alpha": c.alpha if train_with_head else 0.0,
+                  "input": "device" if on_device else "host"},
         eval_data=lambda: input_pipeline.eval_batches(
             self.info, global_batch=c.eval_batch_size, limit=c.test_examples_limit,
             process_index=jax.process_index(), process_count=jax.process_count(),

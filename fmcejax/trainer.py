@@ -2,9 +2,10 @@
 
 A run is resumable at any checkpoint: the Orbax checkpoint holds the train state (params,
 optimizer, step) and the host-side history. The step is also the loader's position (batch k of
-the grain dataset is a pure function of k, whatever the worker count), and the step's RNG is
-`fold_in(seed, step)`, so a resumed run repeats the uninterrupted one. Metrics stay on device
-between log intervals; the host syncs only to log, evaluate and checkpoint.
+the grain dataset, whatever the worker count, or of `device_input.DeviceBatches` is a pure
+function of k), and the step's RNG is `fold_in(seed, step)`, so a resumed run repeats the
+uninterrupted one. Metrics stay on device between log intervals; the host syncs only to log,
+evaluate and checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from fmcejax import input_pipeline, parallel, steps
+from fmcejax import device_input, input_pipeline, parallel, steps
 
 
 class Preempted(Exception):
@@ -51,7 +52,8 @@ class Job:
   model: nn.Module
   preprocess: Callable[[jax.Array], jax.Array]
   input_shape: tuple[int, ...]
-  train_data: grain.MapDataset          # host-local batches, epochs * steps_per_epoch of them
+  # epochs * steps_per_epoch batches: host-local (grain) or global, made on the devices
+  train_data: grain.MapDataset | device_input.DeviceBatches
   steps_per_epoch: int
   epochs: int
   global_batch: int
@@ -297,12 +299,16 @@ def fit(job: Job, run_dir: Path, mesh: Mesh, options: LoopOptions,
                   dynamic_ncols=True, leave=False) if show else None
   # One batch per step, and batch k is a pure function of k: the step is the loader position.
   # Created last, next to the `finally` that stops its worker processes.
-  iterator = input_pipeline.make_iterator(job.train_data, start=step,
-                                          workers=options.input_workers)
+  if isinstance(job.train_data, grain.MapDataset):
+    iterator = input_pipeline.make_iterator(job.train_data, start=step,
+                                            workers=options.input_workers)
+    to_global = functools.partial(parallel.global_batch, mesh=mesh)
+  else:  # already global arrays on the mesh
+    iterator, to_global = job.train_data.iterator(step), lambda batch: batch
   try:
     with _sigterm_handled():
       while step < total and not progress["stopped_early"]:
-        batch = parallel.global_batch(next(iterator), mesh)
+        batch = to_global(next(iterator))
         state, metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step),
                                   head_variables)
         pending.append(metrics)

@@ -55,3 +55,12 @@ def test_seeds_accept_a_count_or_a_list():
   for bad in (0, "1,1", "a", [-1]):
     with pytest.raises(config_lib.ConfigError, match="'seeds'"):
       config_lib.parse_seeds(bad)
+
+
+def test_input_on_device_is_validated_before_anything_runs():
+  config = config_lib.base_config()
+  config.input_on_device = "maybe"
+  with pytest.raises(config_lib.ConfigError, match="'input_on_device' = 'maybe'.*auto | on | off"):
+    config_lib.validate(config, device_count=8, process_count=1, check_data=False)
+  config.input_on_device = "on"
+  config_lib.validate(config, device_count=8, process_count=1, check_data=False)  # MNIST fits
