@@ -3,8 +3,8 @@
 The split (uint8 images, int32 labels) is placed on every device once (`parallel.replicate`).
 Each step's global batch is then one jitted gather, plus random crop (pad 4) and horizontal flip
 when augmenting, sharded over the mesh's batch axis: no per-step host work beyond dispatching it,
-and no host-to-device copy of pixels. This keeps an accelerator fed where the grain host
-pipeline (`input_pipeline`) tops out at one core's 11-15k augmented images/s.
+and no host-to-device copy of pixels, unlike the grain host pipeline (`input_pipeline`), which
+spends host CPU time on every example (docs/BENCHMARKS.md, "Loop ceiling").
 
 Batch k is a pure function of (seed, k), as in `input_pipeline.epoch_batches`: epoch e uses the
 first `steps_per_epoch * global_batch` entries of `jax.random.permutation(fold_in(perm_key, e),
