@@ -56,8 +56,15 @@ class Linear(nn.Module):
 
 
 def _model(backbone: str, num_classes: int) -> nn.Module:
-  return Linear(num_classes) if backbone == "linear" else models.create_backbone(backbone,
-                                                                                num_classes)
+  if backbone == "linear":
+    return Linear(num_classes)
+  return models.create_backbone(backbone, num_classes)
+
+
+def _initial_state(job: trainer.Job, mesh: Mesh) -> steps.TrainState:
+  init = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
+                 out_shardings=parallel.replicated(mesh))
+  return init(jax.random.PRNGKey(0))
 
 
 def _job(args: argparse.Namespace, arrays: dict[str, np.ndarray], batch_size: int, path: str,
@@ -97,9 +104,7 @@ def _step_ms(job: trainer.Job, mesh: Mesh, arrays: dict[str, np.ndarray],
   """ms per step of the job's jitted step alone: back to back on one device batch, no syncs."""
   train_fn = trainer.jit_train_step(mesh, preprocess=job.preprocess, head=None, loss=job.loss,
                                     compiler_options=parallel.compiler_options(mesh))
-  init = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
-                 out_shardings=parallel.replicated(mesh))
-  state = init(jax.random.PRNGKey(0))
+  state = _initial_state(job, mesh)
   batch = parallel.global_batch({k: v[:job.global_batch] for k, v in arrays.items()}, mesh)
   rng = jax.random.PRNGKey(1)
   for _ in range(3):
@@ -119,9 +124,7 @@ def _scan_ms(job: trainer.Job, mesh: Mesh, k: int, sync_every: int) -> float:
   run = data.scan_steps(functools.partial(steps.train_step, preprocess=job.preprocess,
                                           loss=job.loss), k, jax.random.PRNGKey(1),
                         parallel.compiler_options(mesh))
-  init = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
-                 out_shardings=parallel.replicated(mesh))
-  state, _ = run(init(jax.random.PRNGKey(0)), 0)  # compiles
+  state, _ = run(_initial_state(job, mesh), 0)  # compiles
   jax.block_until_ready(state)
   calls = data.steps_per_epoch // k
   every = max(1, -(-sync_every // k))

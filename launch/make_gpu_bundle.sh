@@ -70,7 +70,7 @@ run find "$DEST" -maxdepth 1 -name '*.whl' -delete
 run "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platform_flags[@]}" -d "$DEST" "${WHEELS[@]}"
 run "$PYTHON" -m pip wheel --quiet --no-deps -w "$DEST" "${SOURCE_ONLY[@]}" "$REPO"
-run cp "$ARCHIVE" "$DEST/"
+run cp -f "$ARCHIVE" "$DEST/"
 if [[ "$DRY_RUN" != 1 ]]; then
   for wheel in "$DEST"/*.whl; do  # pure-Python builds only: nothing compiled for this host
     [[ "$wheel" != *-none-any.whl && "$wheel" != *manylinux* ]] && die "$wheel is not portable"

@@ -253,7 +253,7 @@ def test_make_gpu_bundle_dry_run_fetches_cp312_wheels_and_the_archive(decoy_path
                "grain==", "array-record==", "ml-collections==", "tensorboardx=="):
     assert part in download
   assert lines[_first(lines, "pip wheel")].endswith(f"-w /b promise==2.3 {REPO}")
-  assert lines[-1] == "cp /d/cifar10-jpeg.tar.gz /b/"
+  assert lines[-1] == "cp -f /d/cifar10-jpeg.tar.gz /b/"
 
 
 def test_acceptance_summary_records_a_failed_step(tmp_path):
