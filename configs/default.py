@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.test_examples_limit = 0  # 0 = the whole split
   c.augment = "auto"  # auto (crop + flip for CIFAR) | on | off
   c.input_workers = "auto"  # grain worker processes: auto (half the cores on accelerators) | N
+  c.input_on_device = "auto"  # training split held on the devices: auto (if < 200 MB) | on | off
   c.dtype = "float32"  # compute dtype; parameters stay float32
 
   # Recipe of the backbone runs (probe, baseline, fmcenetpp).

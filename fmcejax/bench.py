@@ -99,7 +99,7 @@ def _host_batch(batch_size: int, image_shape: tuple[int, ...], num_classes: int,
           "label": rng.integers(0, num_classes, batch_size).astype(np.int32)}
 
 
-def _flops(compiled: Any) -> float | None:
+def compiled_flops(compiled: Any) -> float | None:
   """XLA's FLOP count of a compiled program (one device's share when partitioned)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -128,7 +128,8 @@ def forward_flops_per_image(backbone: str, image_shape: tuple[int, ...],
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
                                                  train=False))
-  return _flops(jax.jit(functools.partial(model.apply, train=False)).lower(variables, x).compile())
+  forward = jax.jit(functools.partial(model.apply, train=False))
+  return compiled_flops(forward.lower(variables, x).compile())
 
 
 def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, np.ndarray],
@@ -181,7 +182,7 @@ def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, n
     for _ in range(args.warmup):
       step()
     memory = compiled.memory_analysis()
-    flops = _flops(compiled)
+    flops = compiled_flops(compiled)
     contenders.append(_Contender(framework, variant, _timer(step), {
         "compile_s": compile_s, "first_step_s": first_s,
         "peak_bytes": _peak_bytes(device),
@@ -357,7 +358,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a is not None and b else None
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
   devices = jax.devices()
   env = {"platform": jax.default_backend(), "device_kind": devices[0].device_kind,
          "device_count": len(devices), "cpu": platform.processor() or platform.machine(),
@@ -383,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   mean, std = _normalisation(image_shape[-1])
   preprocess = functools.partial(steps.normalize, mean=mean, std=std, dtype=dtype)
   host_batch = _host_batch(args.batch_size, image_shape, args.num_classes)
-  env = _environment()
+  env = environment()
 
   contenders, host = _jax_contenders(args, mesh, host_batch, preprocess, dtype)
   modes = TORCH_MODES[args.torch]

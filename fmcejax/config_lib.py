@@ -21,6 +21,7 @@ ALPHA_SCHEDULES = ("constant", "linear", "cosine")
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENT = ("auto", "on", "off")
+INPUT_ON_DEVICE = ("auto", "on", "off")
 NAN_POLICIES = ("error", "skip")
 # Fields that do not change results: a finished workdir may be re-run with other values.
 RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "download",
@@ -138,6 +139,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   parse_input_workers(config.input_workers, "cpu", 1)
   _one_of(config, "dtype", DTYPES)
   _one_of(config, "augment", AUGMENT)
+  _one_of(config, "input_on_device", INPUT_ON_DEVICE)
   _one_of(config, "optimizer", OPTIMIZERS)
   _one_of(config, "lr_schedule", LR_SCHEDULES)
   _one_of(config, "ral", RAL_MODES)
@@ -170,6 +172,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     if value % process_count:
       raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
   _check_sizes(config, datasets.DATASET_INFO[config.dataset].num_train)
+  _check_input_on_device(config)
   if check_data:
     _check_data(config)
 
@@ -223,6 +226,17 @@ def _check_fmcs_sizes(config: ml_collections.ConfigDict, pool: int) -> None:
   raise ConfigError("fmcs.subset_size", fmcs.subset_size,
                     f"at least {smallest} with fmcs.holdout_fraction {fmcs.holdout_fraction} "
                     "(or a smaller fmce_net.batch_size)", why)
+def _check_input_on_device(config: ml_collections.ConfigDict) -> None:
+  """input_on_device=on needs every backbone run's training split to fit on the devices."""
+  from fmcejax import datasets, device_input
+
+  info = datasets.DATASET_INFO[config.dataset]
+  for field in ("train_examples_limit", "probe.train_examples_limit"):
+    limit = _get(config, field)
+    if config.input_on_device == "on" and not device_input.fits_on_device(info, limit):
+      raise ConfigError("input_on_device", "on", '"auto" or "off" for this dataset',
+                        f"{config.dataset} with {field}={limit} takes "
+                        f"{device_input.MAX_DEVICE_BYTES // 10**6} MB or more as uint8.")
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:

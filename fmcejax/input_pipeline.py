@@ -99,10 +99,16 @@ def _decoded(info: DatasetInfo, split: str, n: int, tfds_data_dir: str) -> Array
   return ArraySource(**_stack(info, _source(info, split, tfds_data_dir).__getitems__(range(n))))
 
 
+def split_arrays(info: DatasetInfo, split: str = "train", limit: int = 0,
+                 tfds_data_dir: str = "") -> ArraySource:
+  """The first `limit` (all if 0) examples of a prepared split as two arrays (uint8 images, int
+  labels), decoded once per process: what `device_input` places on the devices."""
+  return _decoded(info, split, num_examples(info, split, limit), tfds_data_dir)
+
+
 def examples(info: DatasetInfo, split: str, limit: int, tfds_data_dir: str) -> grain.MapDataset:
   """The split (first `limit` examples) as {"image": uint8 [H,W,C], "label": int32}."""
-  return grain.MapDataset.source(
-      _decoded(info, split, num_examples(info, split, limit), tfds_data_dir))
+  return grain.MapDataset.source(split_arrays(info, split, limit, tfds_data_dir))
 
 
 def random_crop_flip(element: dict, rng: np.random.Generator) -> dict:

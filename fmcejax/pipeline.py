@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from fmcejax import (checkpointing, config_lib, cqi, datasets, fmce_net, fmcs_data, input_pipeline,
-                     models, parallel, report, steps, trainer, workdir)
+from fmcejax import (checkpointing, config_lib, cqi, datasets, device_input, fmce_net, fmcs_data,
+                     input_pipeline, models, parallel, report, steps, trainer, workdir)
 
 STAGES = config_lib.STAGES
 
@@ -72,25 +72,23 @@ class Pipeline:
     """A backbone training run with the config's recipe; baseline and RAL differ only in head
     (and in `config`'s RAL fields, for a study's arms)."""
     c = config or self.config
-    augment = {"auto": None, "on": True, "off": False}[c.augment]
-    train_data = input_pipeline.train_dataset(
-        self.info, global_batch=c.batch_size, epochs=epochs, seed=seed, limit=limit,
-        augment=augment, process_index=jax.process_index(),
-        process_count=jax.process_count(), tfds_data_dir=c.tfds_data_dir)
+    on_device = device_input.use_device_input(c.input_on_device, self.info, limit)
     spe = input_pipeline.steps_per_epoch(self.info, c.batch_size, limit)
     lr = steps.learning_rate_schedule(c.learning_rate, c.lr_schedule,
                                       int(c.warmup_epochs * spe), spe * epochs)
     return trainer.Job(
         model=models.create_backbone(c.backbone, self.info.num_classes, self.dtype),
         preprocess=self.preprocess(), input_shape=self.info.image_shape,
-        train_data=input_pipeline.HostBatches(train_data, self.mesh, self.input_workers),
+        train_data=self.train_batches(seed=seed, epochs=epochs, limit=limit, on_device=on_device,
+                                      config=c),
         steps_per_epoch=spe, epochs=epochs, global_batch=c.batch_size,
         tx=steps.create_optimizer(c.optimizer, lr, weight_decay=c.weight_decay,
                                   momentum=c.momentum, nesterov=c.nesterov),
         learning_rate=lr, seed=seed,
         identity={"role": role, "dataset": c.dataset, "backbone": c.backbone, "seed": seed,
                   "epochs": epochs, "batch_size": c.batch_size, "limit": limit,
-                  "alpha": c.alpha if train_with_head else 0.0},
+                  "alpha": c.alpha if train_with_head else 0.0,
+                  "input": "device" if on_device else "host"},
         eval_data=input_pipeline.examples(self.info, "test", c.test_examples_limit,
                                           c.tfds_data_dir),
         eval_batch_size=c.eval_batch_size, eval_each_epoch=eval_each_epoch,
@@ -98,6 +96,20 @@ class Pipeline:
                         mode=c.ral, target=c.ral_target),
         head=head[0] if head else None, head_variables=head[1] if head else None,
         train_with_head=train_with_head)
+
+  def train_batches(self, *, seed: int, epochs: int, limit: int, on_device: bool,
+                    config: ml_collections.ConfigDict) -> trainer.Batches:
+    """The training split's batches: held and augmented on the devices, or made by grain."""
+    augment = {"auto": None, "on": True, "off": False}[config.augment]
+    if on_device:
+      return device_input.train_batches(
+          self.info, global_batch=config.batch_size, epochs=epochs, seed=seed, mesh=self.mesh,
+          limit=limit, augment=augment, tfds_data_dir=config.tfds_data_dir)
+    ds = input_pipeline.train_dataset(
+        self.info, global_batch=config.batch_size, epochs=epochs, seed=seed, limit=limit,
+        augment=augment, process_index=jax.process_index(), process_count=jax.process_count(),
+        tfds_data_dir=config.tfds_data_dir)
+    return input_pipeline.HostBatches(ds, self.mesh, self.input_workers)
 
   def fit(self, job: trainer.Job, run_dir: epath.Path, description: str,
           hook: trainer.EpochHook | None = None) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The training loop shared by every stage that trains: exact resume, preemption, metrics.
 
 A run is resumable at any checkpoint (`checkpointing`): it holds the train state and the host-side
-progress. The step is also the loader's position (batch k is a pure function of k), and the step's
-RNG is `fold_in(seed, step)`, so a resumed run repeats the uninterrupted one. Metrics stay on
-device between log intervals; the host syncs only to log, evaluate and checkpoint.
+progress. The step is also the loader's position (batch k is a pure function of k, made on the
+devices or by grain with any worker count), and the step's RNG is `fold_in(seed, step)`, so a
+resumed run repeats the uninterrupted one. Metrics stay on device between log intervals; the host
+syncs only to log, evaluate and checkpoint.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmcejax import bench, models, parallel
+from fmcejax import bench, bench_loop, models, parallel
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 TORCH = "eager" if HAS_TORCH else "none"
@@ -127,3 +127,45 @@ def test_peak_flops_lookup():
   assert bench.peak_flops_per_device("NVIDIA H100 80GB HBM3", "float32") is None
   assert bench.peak_flops_per_device("cpu", "float32") is None
   assert bench.peak_flops_per_device("cpu", "float32", peak_tflops=2.5) == 2.5e12
+
+
+def test_bench_loop_writes_consistent_figures(tmp_path, capsys):
+  path = tmp_path / "loop.json"
+  returned = bench_loop.main(["--batch_sizes", "16,32", "--examples", "128", "--epochs", "2",
+                              "--rounds", "1", "--step_repeats", "3", "--scan", "2",
+                              "--required", "cnn", "--goal_backbone", "cnn",
+                              "--required_batch", "16", "--mfu", "0.4", "--json", str(path)])
+  result = json.loads(path.read_text())
+  assert result == json.loads(json.dumps(returned))
+  assert set(result) == {"config", "environment", "loop", "required", "goal"}
+  assert list(result["loop"]) == ["16", "32"]
+  for b, entry in result["loop"].items():
+    b = int(b)
+    assert _positive(entry["step_ms"])
+    for path_name in ("host", "device"):
+      f = entry[path_name]
+      assert f["steps"] == 2 * (128 // b)
+      for key in ("images_per_second", "steps_per_second", "ms_per_step",
+                  "wall_images_per_second"):
+        assert _positive(f[key]), (b, path_name, key)
+      assert f["images_per_second"] == pytest.approx(f["steps_per_second"] * b)
+      assert f["ms_per_step"] == pytest.approx(1e3 / f["steps_per_second"])
+      assert f["host_overhead_ms"] == pytest.approx(f["ms_per_step"] - entry["step_ms"])
+    best = max(("host", "device"), key=lambda p: entry[p]["images_per_second"])
+    assert entry["ceiling"]["input"] == best
+    assert entry["ceiling"]["steps_per_second"] == entry[best]["steps_per_second"]
+    assert set(entry["scan"]) == {"2"}
+    for figures in entry["scan"].values():
+      assert figures["images_per_second"] == pytest.approx(b * 1e3 / figures["ms_per_step"])
+  required = result["required"]
+  assert required["peak_flops_per_device"] == 989.4e12 and required["mfu"] == 0.4
+  cnn = required["backbones"]["cnn"]
+  assert cnn["train_flops_per_image"] > 2 * cnn["forward_flops_per_image"] > 0
+  assert cnn["images_per_second"] == pytest.approx(0.4 * 989.4e12 / cnn["train_flops_per_image"])
+  assert cnn["steps_per_second"] == pytest.approx(cnn["images_per_second"] / 16)
+  goal = result["goal"]
+  ratio = result["loop"]["16"]["ceiling"]["steps_per_second"] / cnn["steps_per_second"]
+  assert goal["ceiling_over_required"] == pytest.approx(ratio)
+  assert goal["met"] == (ratio >= 3)
+  table = capsys.readouterr().out
+  assert "host ms" in table and "cnn" in table and "k=2" in table

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from fmcejax import config_lib
+from fmcejax.configs import default
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default"))
@@ -73,3 +74,12 @@ def test_every_schema_field_is_commented_or_documented():
   assert len(fields) > 40
   for i in fields:
     assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), lines[i]
+
+
+def test_input_on_device_is_validated_before_anything_runs():
+  config = default.get_config()
+  config.input_on_device = "maybe"
+  with pytest.raises(config_lib.ConfigError, match="'input_on_device' = 'maybe'.*auto | on | off"):
+    config_lib.validate(config, device_count=8, process_count=1, check_data=False)
+  config.input_on_device = "on"
+  config_lib.validate(config, device_count=8, process_count=1, check_data=False)  # MNIST fits

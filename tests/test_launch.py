@@ -5,17 +5,21 @@ record any call: a dry run must print every command and run none, with no Cloud 
 Every printed line must itself be valid shell, and so must each remote `--command=`.
 """
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from test_input_pipeline import write_fake_cifar
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ("gpu_host.sh", "tpu_vm.sh", "tpu_pod.sh")
+SCRIPTS = ("gpu_host.sh", "tpu_vm.sh", "tpu_pod.sh", "gpu_acceptance.sh", "make_gpu_bundle.sh")
 BASH = shutil.which("bash") or "/bin/bash"
 DECOYS = ("gcloud", "gsutil", "gcsfuse", "git", "tar", "python", "python3", "pip", "uv", "cat",
           "mkdir", "ssh", "scp", "nvidia-smi")
@@ -104,6 +108,9 @@ def test_help_prints_usage_and_exits_0(script, decoy_path):
     ("tpu_vm.sh", ["--zone", "z"]),                           # no command
     ("tpu_vm.sh", ["--zone", "z", "--bucket", "my-bucket", "run"]),  # not gs://
     ("tpu_pod.sh", ["--zone", "z", "all"]),                   # a pod needs a shared bucket
+    ("gpu_acceptance.sh", []),                                # no OUTDIR
+    ("gpu_acceptance.sh", ["out", "--bogus"]),
+    ("make_gpu_bundle.sh", ["--dest"]),                       # no value
 ])
 def test_bad_arguments_exit_2_with_a_message(script, args, decoy_path):
   result = launch(script, "--dry-run", *args, path=decoy_path[0])
@@ -209,3 +216,80 @@ def test_dry_run_quotes_odd_arguments_so_they_survive(decoy_path):
               decoys=decoy_path)
   command = next(w for w in shlex.split(lines[-1]) if w.startswith("--command="))
   assert "--config.note=it's a test" in shlex.split(command[len("--command="):])
+
+
+def test_gpu_acceptance_dry_run_installs_offline_then_measures(decoy_path):
+  lines = dry("gpu_acceptance.sh", "/out", "--work", "/scratch", "--wheels", "/w",
+              decoys=decoy_path)
+  text = "\n".join(lines)
+  install = lines[_first(lines, "pip install")]
+  for part in ("--no-index", "--no-deps", "--target /scratch/site '/w/*.whl'"):
+    assert part in install
+  benches = [line for line in lines if "-m fmcejax.bench " in line]
+  assert [b.split("--backbone ")[1].split()[0] for b in benches] == ["resnet18", "resnet50"]
+  for bench in benches:
+    for part in ("--image_shape 32,32,3", "--batch_size 512", "--dtype bfloat16",
+                 "--torch both"):
+      assert part in bench
+  assert "-m fmcejax.bench_loop --json /out/loop.json" in text
+  train = lines[_first(lines, "-m fmcejax.train")]
+  for part in ("--config configs/cifar10_resnet18.py", "--config.dataset=cifar10_jpeg",
+               "--config.data_dir=/w", "--config.seeds=1", "--workdir /scratch/train"):
+    assert part in train
+  caps = [int(line.split()[3]) for line in lines if line.startswith("timeout")]
+  assert len(caps) == 6 and sum(caps) < 9 * 60  # every step capped, under 9 minutes together
+  order = [_first(lines, s) for s in ("pip install", "--backbone resnet18", "--backbone resnet50",
+                                      "-m fmcejax.bench_loop", "-m fmcejax.train")]
+  assert order == sorted(order)
+
+
+def test_make_gpu_bundle_dry_run_fetches_cp312_wheels_and_the_archive(decoy_path):
+  lines = dry("make_gpu_bundle.sh", "--dest", "/b", "--archive", "/d/cifar10-jpeg.tar.gz",
+              decoys=decoy_path)
+  download = lines[_first(lines, "pip download")]
+  for part in ("--no-deps", "--only-binary=:all:", "--python-version 3.12",
+               "--platform manylinux2014_x86_64", "-d /b", "tensorflow-datasets==",
+               "grain==", "array-record==", "ml-collections==", "tensorboardx=="):
+    assert part in download
+  assert lines[_first(lines, "pip wheel")].endswith(f"-w /b promise==2.3 {REPO}")
+  assert lines[-1] == "cp -f /d/cifar10-jpeg.tar.gz /b/"
+
+
+def test_acceptance_summary_records_a_failed_step(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(LAUNCH / "acceptance_summary.py"), "--out", str(tmp_path),
+       "--workdir", str(tmp_path / "none"), "--tiny", "1", "imports:0:2", "train:3:40"],
+      capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1, result.stderr
+  summary = json.loads((tmp_path / "acceptance.json").read_text())
+  assert summary["steps"] == {"imports": {"status": 0, "seconds": 2},
+                              "train": {"status": 3, "seconds": 40}}
+  assert summary["ok"] is False and summary["seconds"] == 42 and summary["mode"] == "tiny"
+  assert json.loads((tmp_path / "train.json").read_text())["baseline"] is None
+
+
+def test_gpu_acceptance_tiny_mode_runs_everything_and_writes_json(tmp_path):
+  """The whole sequence on this CPU with tiny sizes, on a small fake CIFAR-10 JPEG archive."""
+  write_fake_cifar(tmp_path / "cifar10-jpeg.tar.gz", {"train": 8, "test": 4})
+  out, work = tmp_path / "out", tmp_path / "work"
+  result = subprocess.run(
+      [BASH, str(LAUNCH / "gpu_acceptance.sh"), str(out), "--tiny", "--data", str(tmp_path),
+       "--work", str(work), "--python", sys.executable],
+      cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert sorted(p.name for p in out.iterdir()) == [
+      "acceptance.json", "acceptance.log", "bench_cnn.json", "loop.json", "train.json"]
+  summary = json.loads((out / "acceptance.json").read_text())
+  assert summary["ok"] and summary["mode"] == "tiny"
+  assert list(summary["steps"]) == ["imports", "bench_cnn", "loop", "train"]  # no install
+  bench = json.loads((out / "bench_cnn.json").read_text())
+  assert bench["results"]["jax"]["ral"]["images_per_second"] > 0
+  assert summary["figures"]["cnn"]["ral"]["images_per_second"] == (
+      bench["results"]["jax"]["ral"]["images_per_second"])
+  loop = json.loads((out / "loop.json").read_text())
+  assert loop["loop"]["16"]["device"]["images_per_second"] > 0
+  train = json.loads((out / "train.json").read_text())
+  assert train["baseline"]["epochs"] == 1 and train["fmcenetpp"]["epochs"] == 1
+  assert train["report"]["dataset"] == "cifar10_jpeg" and train["report"]["backbone"] == "cnn"
+  progress = list((work / "train" / "baseline" / "seed_0" / "checkpoints").glob("*/progress/*"))
+  assert any('"input": "device"' in p.read_text() for p in progress if p.is_file())
