@@ -35,11 +35,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fmcejax import bench, device_input, input_pipeline, models, parallel, steps, trainer
+from fmcejax import bench, datasets, device_input, input_pipeline, models, parallel, steps, trainer
 
 INPUTS = ("host", "device")
-MNIST = input_pipeline.DATASET_INFO["mnist"]
-CIFAR = input_pipeline.DATASET_INFO["cifar10"]
+MNIST = datasets.DATASET_INFO["mnist"]
+CIFAR = datasets.DATASET_INFO["cifar10"]
 
 
 class Linear(nn.Module):

@@ -52,7 +52,7 @@ def headline_minutes(bench: dict[str, Any] | None) -> float | None:
   and the FMCE-Net (under 10% of the work) are left out."""
   if not bench:
     return None
-  from fmcejax import config_lib, input_pipeline
+  from fmcejax import config_lib, datasets, input_pipeline
 
   spec = importlib.util.spec_from_file_location("headline", HEADLINE_CONFIG)
   module = importlib.util.module_from_spec(spec)
@@ -62,9 +62,9 @@ def headline_minutes(bench: dict[str, Any] | None) -> float | None:
   if not all(rate.values()):
     return None
   runs = len(config_lib.parse_seeds(c.seeds)) * c.epochs * input_pipeline.num_examples(
-      input_pipeline.DATASET_INFO[c.dataset], "train", c.train_examples_limit)
+      datasets.DATASET_INFO[c.dataset], "train", c.train_examples_limit)
   probe = c.probe.epochs * input_pipeline.num_examples(
-      input_pipeline.DATASET_INFO[c.dataset], "train", c.probe.train_examples_limit)
+      datasets.DATASET_INFO[c.dataset], "train", c.probe.train_examples_limit)
   return ((probe + runs) / rate["baseline"] + runs / rate["ral"]) / 60
 
 

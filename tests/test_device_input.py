@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from fmcejax import bench_loop, device_input, input_pipeline, parallel, steps, trainer
+from fmcejax import bench_loop, datasets, device_input, input_pipeline, parallel, steps, trainer
 
 N, BATCH = 100, 16          # 6 steps per epoch, 96 of the 100 examples used
 
@@ -142,9 +142,9 @@ def test_crop_and_flip_match_the_grain_augmentation(mesh):
 
 
 def test_fits_on_device_and_the_auto_rule():
-  cifar, mnist = (input_pipeline.DATASET_INFO[k] for k in ("cifar10", "mnist"))
+  cifar, mnist = (datasets.DATASET_INFO[k] for k in ("cifar10", "mnist"))
   assert device_input.fits_on_device(cifar) and device_input.fits_on_device(mnist)
-  big = input_pipeline.DatasetInfo("big", "big", 10, (64, 64, 3), (0.5,) * 3, (0.25,) * 3,
+  big = datasets.DatasetInfo("big", "big", 10, (64, 64, 3), (0.5,) * 3, (0.25,) * 3,
                                    20000, 100, False)
   assert not device_input.fits_on_device(big)
   assert device_input.fits_on_device(big, limit=10000)  # 123 MB
