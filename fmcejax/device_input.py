@@ -158,7 +158,7 @@ class DeviceBatches:
     """`k` train steps in one dispatch, for a loop whose per-step host cost is the ceiling.
 
     Returns `run(state, step, head_variables) -> (state, metrics stacked over k)`: steps
-    `step .. step + k - 1`, each `train_step(state, batch, fold_in(rng, s), head_variables)` on
+    `step .. step + k - 1`, each `train_step(state, batch, rng, head_variables)` on
     batch s of this stream (`steps.train_step` with its keywords bound), fused with the gather
     in one `lax.scan`. The k steps must lie in one epoch. The state is replicated and donated.
     """
@@ -170,7 +170,7 @@ class DeviceBatches:
     def steps_from(state, images, labels, order, seed, step, head_variables):
       def body(state, i):
         batch = select(images, labels, order, seed, step + i)
-        return train_step(state, batch, jax.random.fold_in(rng, step + i), head_variables)
+        return train_step(state, batch, rng, head_variables)
       return jax.lax.scan(body, state, jnp.arange(k))
 
     jitted = jax.jit(steps_from, out_shardings=(repl, repl), donate_argnums=0,

@@ -82,7 +82,12 @@ def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                head_variables: Any = None, *, preprocess: Callable[[jax.Array], jax.Array],
                head: Head | None = None, loss: Loss = Loss()) -> tuple[TrainState, Metrics]:
-  """One optimizer step on a global batch. Non-finite updates are skipped and counted."""
+  """One optimizer step on a global batch. Non-finite updates are skipped and counted.
+
+  `rng` is the run's key; the step draws from `fold_in(rng, state.step)`, inside the program (an
+  eager fold_in per step would cost the host a dispatch).
+  """
+  rng = jax.random.fold_in(rng, state.step)
   x = preprocess(batch["image"])
   alpha = loss.alpha(state.step) if head is not None else jnp.zeros(())
 

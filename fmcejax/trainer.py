@@ -146,13 +146,12 @@ def fit(job: Job, run_dir: epath.PathLike, mesh: Mesh, options: LoopOptions,
   if restored is not None:
     state, meter.progress = restored
   step, total = int(jax.device_get(state.step)), job.steps_per_epoch * job.epochs
-  base_rng = jax.random.PRNGKey(job.seed + 1)
+  rng = parallel.replicate(jax.random.PRNGKey(job.seed + 1), mesh)
   log = _Log(run_dir / "tb", options, job.epochs, total, step)
   try:
     with _sigterm_handled(), contextlib.closing(job.train_data.iterator(step)) as batches:
       while step < total and not meter.progress["stopped_early"]:
-        state, metrics = train_fn(state, next(batches), jax.random.fold_in(base_rng, step),
-                                  head_variables)
+        state, metrics = train_fn(state, next(batches), rng, head_variables)
         step += 1
         meter.pending.append(metrics)
         log.advance()

@@ -221,7 +221,7 @@ def test_scan_steps_equal_one_dispatch_per_step(mesh):
   state = init(jax.random.PRNGKey(0))
   losses = []
   for step, batch in enumerate(data.iterator(0)):
-    state, metrics = train_fn(state, batch, jax.random.fold_in(rng, step), None)
+    state, metrics = train_fn(state, batch, rng, None)
     losses.append(float(metrics["loss"]))
   run = data.scan_steps(functools.partial(steps.train_step, preprocess=job.preprocess,
                                           loss=job.loss), 2, rng)
