@@ -19,7 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from fmcejax import config_lib, fmcs_data, input_pipeline, models, parallel, steps, trainer
+from fmcejax import (config_lib, cpu_lowering, fmcs_data, input_pipeline, models, parallel, steps,
+                     trainer)
 
 
 class _PhaseClassifier(nn.Module):
@@ -30,9 +31,11 @@ class _PhaseClassifier(nn.Module):
     return self.net(x, train=train), {}
 
 
-def _head_model(config: ml_collections.ConfigDict, num_phases: int, dtype: Any) -> models.FMCENet:
+def _head_model(config: ml_collections.ConfigDict, num_phases: int, dtype: Any,
+                mesh: Mesh) -> models.FMCENet:
   return models.FMCENet(num_phases=num_phases, width=config.fmce_net.width,
-                        depth=config.fmce_net.depth, dtype=dtype)
+                        depth=config.fmce_net.depth, dtype=dtype,
+                        lowering=cpu_lowering.for_platform(parallel.platform(mesh)))
 
 
 def _as_float(x: jax.Array) -> jax.Array:
@@ -54,7 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
   tx = steps.create_optimizer("adamw", lr, weight_decay=c.weight_decay)
   eval_batch = c.batch_size
   job = trainer.Job(
-      model=_PhaseClassifier(_head_model(config, k, jnp.float32)), preprocess=_as_float,
+      model=_PhaseClassifier(_head_model(config, k, jnp.float32, mesh)), preprocess=_as_float,
       input_shape=train_source.feature_shape,
       train_data=input_pipeline.epoch_batches(
           fmcs_data.dataset(data_dir, "train"), global_batch=c.batch_size, epochs=c.epochs,
@@ -70,7 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh,
                        dataclasses.replace(loop, description="fmce_net"))
   state = result.pop("state")
   variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
-  result.update(evaluate(_head_model(config, k, jnp.float32), variables, holdout, mesh,
+  result.update(evaluate(_head_model(config, k, jnp.float32, mesh), variables, holdout, mesh,
                          eval_batch))
   ckpt = ocp.StandardCheckpointer()
   ckpt.save((workdir / "fmce_net" / "head").absolute(), variables, force=True)
@@ -115,9 +118,10 @@ def load_head(config: ml_collections.ConfigDict, workdir: Path, module: str,
               dtype: Any) -> tuple[steps.Head, Any]:
   """The trained FMCE-Net as a frozen head: its module and its variables (never optimised)."""
   meta = fmcs_data.Source(workdir / "fmcs_data", "holdout")
-  model = _head_model(config, meta.num_phases, dtype)
+  mesh = parallel.make_mesh()
+  model = _head_model(config, meta.num_phases, dtype, mesh)
   # Replicated over this job's devices, whatever devices saved it (another machine, host count).
-  sharding = parallel.replicated(parallel.make_mesh())
+  sharding = parallel.replicated(mesh)
   abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       jax.eval_shape(lambda: model.init(

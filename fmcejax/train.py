@@ -28,8 +28,8 @@ import orbax.checkpoint as ocp
 from absl import flags
 from ml_collections import config_flags
 
-from fmcejax import (config_lib, cqi, fmce_net, fmcs_data, input_pipeline, models, parallel,
-                     report, steps, trainer)
+from fmcejax import (config_lib, cpu_lowering, cqi, fmce_net, fmcs_data, input_pipeline, models,
+                     parallel, report, steps, trainer)
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn.py"
 
@@ -43,6 +43,7 @@ class Pipeline:
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
+    self.lowering = cpu_lowering.for_platform(parallel.platform(self.mesh))
     self.seeds = config_lib.parse_seeds(config.seeds)
     self.module = config.module or models.DEFAULT_MODULE[config.backbone]
     # Process 0 prepares first: on a shared tfds_data_dir the others then find it prepared.
@@ -84,7 +85,8 @@ class Pipeline:
                    role: str) -> trainer.Job:
     """A backbone training run with the config's recipe; baseline and RAL differ only in head."""
     c = self.config
-    model = models.create_backbone(c.backbone, self.info.num_classes, self.dtype)
+    model = models.create_backbone(c.backbone, self.info.num_classes, self.dtype,
+                                   lowering=self.lowering)
     augment = {"auto": None, "on": True, "off": False}[c.augment]
     train_data = input_pipeline.train_dataset(
         self.info, global_batch=c.batch_size, epochs=epochs, seed=seed, limit=limit,
@@ -174,7 +176,8 @@ class Pipeline:
         c.probe.train_examples_limit or self.info.num_train, n, seed=self.seeds[0])
     images = input_pipeline.load_arrays(self.info, split="train", indices=indices,
                                         tfds_data_dir=c.tfds_data_dir)["image"]
-    model = models.create_backbone(c.backbone, self.info.num_classes, self.dtype)
+    model = models.create_backbone(c.backbone, self.info.num_classes, self.dtype,
+                                   lowering=self.lowering)
     snapshots = trainer.checkpoint_manager(self.workdir / "probe" / "snapshots", None)
     start = time.perf_counter()
     try:
