@@ -43,7 +43,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from fmcejax import datasets, input_pipeline, models, parallel, steps, trainer
+from fmcejax import cpu_lowering, datasets, input_pipeline, models, parallel, steps, trainer
 
 NUM_PHASES = 5                        # config_lib default K
 HEAD_WIDTH, HEAD_DEPTH = 64, 2        # config_lib default FMCE-Net
@@ -139,13 +139,14 @@ def _jax_contenders(args: argparse.Namespace, mesh: Any, host_batch: dict[str, n
   returns the initial host variables (backbone and head) for the torch reference to copy."""
   repl = parallel.replicated(mesh)
   image_shape = tuple(args.image_shape)
-  model = models.create_backbone(args.backbone, args.num_classes, dtype)
+  lowering = cpu_lowering.for_platform(parallel.platform(mesh))
+  model = models.create_backbone(args.backbone, args.num_classes, dtype, lowering=lowering)
   tx = steps.create_optimizer("sgd", optax.constant_schedule(LEARNING_RATE),
                               weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=True)
   init_fn = jax.jit(functools.partial(steps.create_train_state, model, tx, image_shape),
                     out_shardings=repl)
   module = models.DEFAULT_MODULE[args.backbone]
-  head_model = models.FMCENet(NUM_PHASES, HEAD_WIDTH, HEAD_DEPTH, dtype)
+  head_model = models.FMCENet(NUM_PHASES, HEAD_WIDTH, HEAD_DEPTH, dtype, lowering=lowering)
   initial = jax.device_get(init_fn(jax.random.PRNGKey(0)))
   feature = jax.eval_shape(lambda: model.apply(
       {"params": initial.params, "batch_stats": initial.batch_stats},
@@ -388,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   contenders, host = _jax_contenders(args, mesh, host_batch, preprocess, dtype)
   modes = TORCH_MODES[args.torch]
-  with (_torch_process(args, host, host_batch, mean, std, modes, jax.default_backend() == "gpu")
+  with (_torch_process(args, host, host_batch, mean, std, modes, parallel.platform(mesh) == "gpu")
         if modes else contextlib.nullcontext([])) as torch_contenders:
     contenders += torch_contenders
     _timed_rounds(contenders, args.steps, args.rounds)

@@ -126,14 +126,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   `check_data` also checks that the dataset is prepared, in local archives or to be downloaded,
   without preparing or downloading it.
   """
-  from fmcejax import datasets, models  # local: keep `--help` and errors fast
+  from fmcejax import datasets  # local: keep `--help` and errors fast
 
   _one_of(config, "dataset", datasets.DATASETS)
-  _one_of(config, "backbone", models.BACKBONES)
-  if config.module and config.module not in models.STAGES[config.backbone]:
-    raise ConfigError("module", config.module,
-                      '"" (the default, ' + models.DEFAULT_MODULE[config.backbone] + ") or one of "
-                      + ", ".join(models.STAGES[config.backbone]))
+  names = module_names(config)
+  if config.module and config.module not in names:
+    raise ConfigError("module", config.module, f'"" (the default, {names[-1]}) or one of '
+                      + ", ".join(names), f"The feature maps {config.backbone} returns.")
   parse_stages(config.stages)
   parse_seeds(config.seeds)
   parse_input_workers(config.input_workers, "cpu", 1)
@@ -175,6 +174,20 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   _check_input_on_device(config)
   if check_data:
     _check_data(config)
+
+
+def module_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The feature maps `config.backbone` returns (the last is the default `module`); a backbone
+  that is neither built in nor a working `package.module:factory` is a ConfigError."""
+  from fmcejax import datasets, models
+
+  _one_of(config, "dataset", datasets.DATASETS)
+  info = datasets.DATASET_INFO[config.dataset]
+  try:
+    return models.feature_names(config.backbone, info.num_classes, info.image_shape)
+  except ValueError as e:
+    raise ConfigError("backbone", config.backbone, " | ".join(models.BACKBONES)
+                      + " | package.module:factory (your own Flax module)", str(e)) from None
 
 
 def _check_sizes(config: ml_collections.ConfigDict, num_train: int) -> None:

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
-from fmcejax import evaluation, fmcs_data, input_pipeline, models, parallel, steps, trainer
+from fmcejax import (cpu_lowering, evaluation, fmcs_data, input_pipeline, models, parallel, steps,
+                     trainer)
 
 HEADS = ("trained", "shuffled", "random")  # a study's head kinds; see `head`
 
@@ -31,9 +32,11 @@ class _PhaseClassifier(nn.Module):
     return self.net(x, train=train), {}
 
 
-def _head_model(config: ml_collections.ConfigDict, num_phases: int, dtype: Any) -> models.FMCENet:
+def _head_model(config: ml_collections.ConfigDict, num_phases: int, dtype: Any,
+                mesh: Mesh) -> models.FMCENet:
   return models.FMCENet(num_phases=num_phases, width=config.fmce_net.width,
-                        depth=config.fmce_net.depth, dtype=dtype)
+                        depth=config.fmce_net.depth, dtype=dtype,
+                        lowering=cpu_lowering.for_platform(parallel.platform(mesh)))
 
 
 def _as_float(x: jax.Array) -> jax.Array:
@@ -54,7 +57,7 @@ def train(config: ml_collections.ConfigDict, data_dir: epath.Path, out: epath.Pa
       fmcs_data.dataset(data_dir, "train", labels), global_batch=c.batch_size, epochs=c.epochs,
       seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
   job = trainer.Job(
-      model=_PhaseClassifier(_head_model(config, k, jnp.float32)), preprocess=_as_float,
+      model=_PhaseClassifier(_head_model(config, k, jnp.float32, mesh)), preprocess=_as_float,
       input_shape=train_source.feature_shape,
       train_data=input_pipeline.HostBatches(batches, mesh), steps_per_epoch=spe,
       epochs=c.epochs, global_batch=c.batch_size,
@@ -65,7 +68,7 @@ def train(config: ml_collections.ConfigDict, data_dir: epath.Path, out: epath.Pa
   result = trainer.fit(job, out / "run", mesh, dataclasses.replace(loop, description="fmce_net"))
   state = result.pop("state")
   variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
-  result.update(evaluate(_head_model(config, k, jnp.float32), variables, holdout, mesh,
+  result.update(evaluate(_head_model(config, k, jnp.float32, mesh), variables, holdout, mesh,
                          c.batch_size))
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(out.absolute() / "head", variables, force=True)
@@ -107,7 +110,7 @@ def head(config: ml_collections.ConfigDict, data_dir: epath.Path, trained: epath
   untrained one initialised from `seed` (a study's `random` control). Its variables are
   replicated over `mesh`, whatever devices saved them, and never optimised."""
   meta = fmcs_data.Source(data_dir, "holdout")
-  model = _head_model(config, meta.num_phases, dtype)
+  model = _head_model(config, meta.num_phases, dtype, mesh)
   init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *meta.feature_shape)),  # noqa: E731
                             train=False)
   if trained is None:

@@ -64,10 +64,16 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def platform(mesh: Mesh) -> str:
+  """The platform of `mesh`'s devices ("cpu", "gpu", "tpu"): what a program over it is compiled
+  for, whatever `jax.default_backend()` says."""
+  return mesh.devices.flat[0].platform
+
+
 def compiler_options(mesh: Mesh) -> dict[str, str] | None:
   """`compiler_options` for every `jax.jit` over `mesh`: `CPU_COMPILER_OPTIONS` on CPU when this
   XLA knows them, else None (XLA's defaults)."""
-  return _compiler_options(mesh.devices.flat[0].platform)
+  return _compiler_options(platform(mesh))
 
 
 @functools.cache

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from fmcejax import (checkpointing, config_lib, cqi, datasets, device_input, fmce_net, fmcs_data,
+from fmcejax import (checkpointing, config_lib, cpu_lowering, cqi, datasets, device_input, fmce_net, fmcs_data,
                      input_pipeline, models, parallel, report, steps, trainer, workdir)
 
 STAGES = config_lib.STAGES
@@ -32,8 +32,9 @@ class Pipeline:
   def __init__(self, config: ml_collections.ConfigDict, root: epath.PathLike):
     self.config, self.root = config, epath.Path(root)
     self.mesh = parallel.make_mesh()
+    self.lowering = cpu_lowering.for_platform(parallel.platform(self.mesh))
     self.seeds = config_lib.parse_seeds(config.seeds)
-    self.module = config.module or models.DEFAULT_MODULE[config.backbone]
+    self.module = config.module or config_lib.module_names(config)[-1]
     self.info = parallel.primary_first("prepare", lambda: datasets.prepare(
         config.dataset, config.data_dir, config.tfds_data_dir, config.download))
     self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
@@ -77,7 +78,8 @@ class Pipeline:
     lr = steps.learning_rate_schedule(c.learning_rate, c.lr_schedule,
                                       int(c.warmup_epochs * spe), spe * epochs)
     return trainer.Job(
-        model=models.create_backbone(c.backbone, self.info.num_classes, self.dtype),
+        model=models.create_backbone(c.backbone, self.info.num_classes, self.dtype,
+                                     lowering=self.lowering),
         preprocess=self.preprocess(), input_shape=self.info.image_shape,
         train_data=self.train_batches(seed=seed, epochs=epochs, limit=limit, on_device=on_device,
                                       config=c),
@@ -129,7 +131,8 @@ class Pipeline:
     indices = input_pipeline.subset_indices(pool, c.fmcs.subset_size, seed=self.seeds[0])
     images = input_pipeline.load_arrays(info, split="train", indices=indices,
                                         tfds_data_dir=c.tfds_data_dir)["image"]
-    model = models.create_backbone(c.backbone, info.num_classes, self.dtype)
+    model = models.create_backbone(c.backbone, info.num_classes, self.dtype,
+                                   lowering=self.lowering)
     with self.snapshots() as snapshots:
       return fmcs_data.build(
           out, markers=markers, restore=lambda epoch: snapshots.restore(epoch, self.mesh),

@@ -24,7 +24,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from fmcejax import config_lib, datasets, models, parallel, pipeline, study_lib, train, trainer
+from fmcejax import config_lib, datasets, parallel, pipeline, study_lib, train, trainer
 
 
 class Study:
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   parallel.initialize_distributed()
   try:
-    arms = study_lib.expand_grid(study, default_module=config.module or models.DEFAULT_MODULE[
-        config.backbone], module_names=models.STAGES[config.backbone])
+    names = config_lib.module_names(config)
+    arms = study_lib.expand_grid(study, default_module=config.module or names[-1],
+                                 module_names=names)
     root, lock = train.prepare_workdir(config, path)  # noqa: F841 - held until exit
     runner = Study(pipeline.Pipeline(config, root), arms)
   except (config_lib.ConfigError, datasets.DataError) as e:

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,8 +17,8 @@ from conftest import SHARED_DATA
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, timeout=600):
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args, timeout=600, env=None):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
   return subprocess.run([sys.executable, "-m", "fmcejax.train", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -139,3 +142,43 @@ def test_whole_pipeline_on_real_mnist_writes_a_consistent_report(tmp_path, mnist
   assert list((workdir / "tb_report").glob("events.out.tfevents.*"))  # CQI + plots for TensorBoard
   history = json.loads((workdir / "fmcenetpp" / "seed_0" / "metrics.json").read_text())["history"]
   assert history[0]["fmcs"] is not None and history[0]["alpha"] == pytest.approx(0.1)
+
+
+class TwoStageNet(nn.Module):
+  """A user's own backbone, defined here: two conv-BN blocks, `(logits, {name: map})`."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    features = {}
+    for i, width in enumerate((8, 16)):
+      x = nn.Conv(width, (3, 3), strides=2, dtype=self.dtype, name=f"conv{i}")(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
+      features[f"block{i}"] = x
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2))), features
+
+
+def two_stage_net(num_classes, dtype):
+  return TwoStageNet(num_classes=num_classes, dtype=dtype)
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_on_your_own_backbone(tmp_path, mnist_tfds):
+  tests = str(Path(__file__).parent)
+  env = {"PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+  byo = ["--config.backbone=test_cli:two_stage_net", f"--config.tfds_data_dir={mnist_tfds}"]
+  bad = run_cli(f"--workdir={tmp_path / 'bad'}", *byo, "--config.module=stage4", env=env,
+                timeout=300)
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  assert "'module'" in bad.stderr and "block0, block1" in bad.stderr
+  workdir = tmp_path / "w"
+  result = run_cli(f"--workdir={workdir}", *byo, *QUICK, "--config.seeds=1",
+                   "--config.epochs=1", "--config.probe.epochs=5",
+                   "--config.probe.train_examples_limit=512", "--config.fmcs.subset_size=256",
+                   "--config.fmce_net.epochs=1", "--config.fmce_net.batch_size=64", env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / "report.json").read_text())
+  assert report["backbone"] == "test_cli:two_stage_net"
+  assert report["module"] == "block1"  # the last feature map the model returns
+  assert 0.0 <= report["fmcenetpp_accuracy"][0] <= 1.0

@@ -1,5 +1,6 @@
-"""Tests for fmcejax.models: the backbone contract (logits, features), exact parameter counts, dtype
-policy, BatchNorm state handling, and the FMCE-Net head.
+"""Tests for fmcejax.models and fmcejax.cpu_lowering: the backbone contract (logits, features), exact
+parameter counts, dtype policy, BatchNorm state handling, the FMCE-Net head, your own backbone, and
+the CPU lowerings giving Flax's values and gradients.
 
 Shape and dtype contracts are checked with `jax.eval_shape` (no FLOPs, no compile); real forward
 passes run once per backbone, with the variables cached, so the file stays fast on a 2-core CPU.
@@ -7,8 +8,9 @@ passes run once per backbone, with the variables cached, so the file stays fast 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from unittest import mock
+from typing import Any
 
 import chex
 import jax
@@ -18,7 +20,7 @@ import pytest
 from absl.testing import parameterized
 from flax import linen as nn
 
-from fmcejax import models, parallel
+from fmcejax import cpu_lowering, models, parallel
 
 NUM_CLASSES = 10
 INPUT_SHAPES = ((2, 32, 32, 3), (2, 28, 28, 1))
@@ -202,7 +204,7 @@ def test_train_mode_without_mutable_batch_stats_fails():
 
 
 def test_zero_init_residual_zeroes_last_bn_scale():
-  conv, norm = models._conv_and_norm(jnp.float32, train=False)
+  conv, norm = models._conv_and_norm(jnp.float32, train=False, lowering=None)
   x = jnp.ones((1, 8, 8, 16))
   for block_cls, last_bn in ((models.BasicBlock, "bn2"), (models.Bottleneck, "bn3")):
     block = block_cls(16, conv=conv, norm=norm, strides=2, zero_init_residual=True)
@@ -261,53 +263,39 @@ def test_create_backbone_rejects_unknown_name():
 
 
 class CpuLoweringTest(chex.TestCase):
-  """`materialize`, `cpu_conv` and `BatchNorm` change the XLA program, not the numbers: values
-  and gradients match Flax's modules."""
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_materialize_is_the_identity_in_value_and_gradient(self):
-    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
-    loss = lambda x: jnp.sum(jnp.sin(x) * jnp.arange(7.0))
-    got = self.variant(jax.value_and_grad(lambda x: loss(models.materialize(x))))(x)
-    chex.assert_trees_all_equal(got, self.variant(jax.value_and_grad(loss))(x))
-    chex.assert_trees_all_close(got[1], jnp.cos(x) * jnp.arange(7.0), rtol=1e-6)
+  """The CPU lowerings change the XLA program, not the numbers: values and gradients match Flax's
+  modules."""
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(
       # (input channels, kernel, strides, padding, groups, bias)
       (1, (3, 3), 1, ((1, 1), (1, 1)), 1, False),   # patches: a grey stem
       (3, (3, 3), 2, ((0, 1), (1, 2)), 1, True),    # patches, strided, uneven padding
-      (6, (3, 3), 2, ((1, 1), (1, 1)), 1, False),   # materialized input
-      (6, (1, 1), 2, "SAME", 1, False),             # materialized input
-      (6, (3, 3), 3, ((2, 0), (0, 1)), 1, True),    # input gradient by phases, one tap-less
-      (6, (2, 3), (2, 1), ((0, 1), (1, 1)), 1, False),
-      (6, (1, 1), 1, "SAME", 1, True),              # plain: a matmul for XLA
-      (6, (3, 3), 1, "SAME", 6, False),             # plain: depthwise
-      (6, (3, 3), 1, ((2, 2), (2, 1)), 1, True),    # padding taps skipped (30% of them)
-      (6, (3, 2), 1, ((2, 2), (1, 1)), 1, False),   # ... with an even kernel
+      (3, (3, 2), (2, 1), ((0, 1), (1, 1)), 1, False),  # patches, an even kernel
+      (6, (3, 3), 2, ((1, 1), (1, 1)), 1, False),   # Eigen: too many channels for patches
+      (3, (3, 3), 1, "SAME", 1, True),              # Eigen: string padding
+      (6, (3, 3), 1, "SAME", 6, False),             # Eigen: depthwise
   )
-  def test_cpu_conv_equals_nn_conv(self, channels, kernel, strides, padding, groups, bias):
+  def test_conv_equals_nn_conv(self, channels, kernel, strides, padding, groups, bias):
     x = jax.random.normal(jax.random.key(1), (2, 9, 8, channels))
     plain = nn.Conv(4 if groups == 1 else channels, kernel, strides, padding=padding,
                     feature_group_count=groups, use_bias=bias, bias_init=nn.initializers.normal())
-    tuned = plain.clone(conv_general_dilated=models.cpu_conv)
+    lowered = plain.clone(conv_general_dilated=cpu_lowering.conv_general_dilated)
     variables = plain.init(jax.random.key(2), x)
-    chex.assert_trees_all_equal_structs(variables, tuned.init(jax.random.key(2), x))
+    chex.assert_trees_all_equal_structs(variables, lowered.init(jax.random.key(2), x))
 
     def outputs_and_grads(module):
       loss = lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)))
       return self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
 
-    chex.assert_trees_all_close(outputs_and_grads(tuned), outputs_and_grads(plain),
+    chex.assert_trees_all_close(outputs_and_grads(lowered), outputs_and_grads(plain),
                                 rtol=1e-5, atol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(train=(True, False), cpu_lowering=(True, False),
-                         shape=((4, 6, 6, 5), (1, 37, 1, 5)))  # 144 rows: 24 x 6; 37: prime
-  def test_batchnorm_matches_flax_batchnorm(self, train, cpu_lowering, shape):
+  @parameterized.product(train=(True, False), shape=((4, 6, 6, 5), (1, 37, 1, 5)))
+  def test_batchnorm_matches_flax_batchnorm(self, train, shape):  # 144 rows: 24 x 6; 37: prime
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)
-    ours = models.BatchNorm(use_running_average=not train, momentum=0.9,
-                            cpu_lowering=cpu_lowering)
+    ours = cpu_lowering.BatchNorm(use_running_average=not train, momentum=0.9)
     flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9)
     variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.arange(5.0)},
                  "batch_stats": {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}}
@@ -326,11 +314,27 @@ class CpuLoweringTest(chex.TestCase):
     chex.assert_shape(got[0][1][0], x.shape)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((2, 6, 6, 3), (2, 7, 5, 3))
+  def test_max_pool_2x2_equals_nn_max_pool(self, *shape):
+    """nn.max_pool's values (odd sizes drop the last row or column, as VALID padding) and, without
+    ties, its gradient; ties (here from rounding) share the gradient equally."""
+    weights = jax.random.normal(jax.random.key(1), (2, shape[1] // 2, shape[2] // 2, 3))
+    pools = (cpu_lowering.max_pool_2x2, functools.partial(models.max_pool_2x2, lowering=None))
+    grad = lambda f: self.variant(jax.grad(lambda x: jnp.sum(f(x) * weights)))
+    x = jax.random.normal(jax.random.key(0), shape)
+    chex.assert_trees_all_equal(*(self.variant(f)(x) for f in pools))
+    chex.assert_trees_all_equal(*(grad(f)(x) for f in pools))
+    tied = jnp.round(x * 2) / 2
+    g = grad(cpu_lowering.max_pool_2x2)(tied)
+    np.testing.assert_allclose(jnp.sum(g), jnp.sum(weights), rtol=1e-5)  # all passed on
+    assert weights.size < jnp.sum(g != 0)  # some of it shared between tied maxima
+
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cpu_batchnorm_keeps_flax_dtypes(dtype):
   x = jnp.ones((4, 3, 3, 2), dtype)
-  bn = models.BatchNorm(use_running_average=False, dtype=dtype, cpu_lowering=True)
+  bn = cpu_lowering.BatchNorm(use_running_average=False, dtype=dtype)
   variables = bn.init(jax.random.key(0), x)
   chex.assert_trees_all_equal_dtypes(variables, jax.tree.map(lambda _: jnp.float32, variables))
   grad = jax.grad(lambda x: jnp.sum(bn.apply(variables, x, mutable=["batch_stats"])[0]))(x)
@@ -341,57 +345,50 @@ def test_cpu_batchnorm_sums_as_accurately_as_a_pairwise_tree():
   """A sequential float32 sum of 2^17 values near 1 is off by ~1e-5 relative (XLA's own
   reduce: ~3e-6); the tree of <= 32-row sums stays at ~1e-7."""
   x = 1.0 + np.random.default_rng(0).standard_normal((2 ** 17, 3)).astype(np.float32)
-  got = jax.jit(models._column_sums)(x, x * x)
+  got = jax.jit(cpu_lowering._column_sums)(x, x * x)
   x64 = x.astype(np.float64)
   for sums, want in zip(got, (x64.sum(0), (x64 * x64).sum(0))):
     np.testing.assert_allclose(sums, want, rtol=5e-7)
 
 
 def test_cpu_batchnorm_trains_without_xla_reduce_windows():
-  """XLA:CPU rewrites a large one-array sum into a reduce-window, which is slow once folded
-  back onto the NHWC map; `cpu_lowering` keeps every batch statistic a variadic reduce."""
+  """XLA:CPU rewrites a large one-array sum over the [N, C] view into a reduce-window, slow once
+  folded back onto the NHWC map; the lowering keeps every batch statistic a variadic reduce."""
   options = parallel.compiler_options(parallel.make_mesh(jax.devices("cpu")[:1]))
   if options is None:
     pytest.skip("this XLA does not take the CPU compiler options the lowering is measured with")
   x = jnp.ones((32, 8, 8, 16))
 
-  def compiled_gradient(cpu_lowering):
-    bn = models.BatchNorm(use_running_average=False, cpu_lowering=cpu_lowering)
-    variables = bn.init(jax.random.key(0), x)
+  def compiled_gradient(norm, view):
+    bn = norm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), view(x))
     loss = lambda params, x: jnp.sum(bn.apply(
-        {**variables, "params": params}, x, mutable=["batch_stats"])[0] ** 2)
+        {**variables, "params": params}, view(x), mutable=["batch_stats"])[0] ** 2)
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
     return grad.lower(variables["params"], x).compile().as_text()
 
-  assert "reduce-window(" in compiled_gradient(False)
-  assert "reduce-window(" not in compiled_gradient(True)
+  flax_on_the_view = compiled_gradient(nn.BatchNorm, lambda x: x.reshape(-1, x.shape[-1]))
+  assert "reduce-window(" in flax_on_the_view
+  assert "reduce-window(" not in compiled_gradient(cpu_lowering.BatchNorm, lambda x: x)
 
 
-class MaxPoolTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters((2, 6, 6, 3), (2, 7, 5, 3))
-  def test_max_pool_2x2_equals_jnp_max_in_value_and_gradient(self, *shape):
-    """Values of nn.max_pool; gradients of reshape + `jnp.max`, ties (here from rounding)
-    shared equally. Odd sizes drop the last row or column, as nn.max_pool's VALID padding."""
-    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2) / 2
-    weights = jax.random.normal(jax.random.key(1), (2, shape[1] // 2, shape[2] // 2, 3))
-
-    def reference(x):
-      b, h, w, c = x.shape
-      return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-    chex.assert_trees_all_equal(self.variant(models.max_pool_2x2)(x),
-                                nn.max_pool(x, (2, 2), strides=(2, 2)))
-    grads = [self.variant(jax.grad(lambda x, f=f: jnp.sum(f(x) * weights)))(x)
-             for f in (models.max_pool_2x2, reference)]
-    chex.assert_trees_all_close(*grads, rtol=1e-6)
-    assert weights.size < jnp.sum(grads[0] != 0)  # every window passes it on, some to ties
+@pytest.mark.parametrize("channels, padding, patches", [
+    (1, ((1, 1), (1, 1)), True),   # a grey stem
+    (3, ((1, 1), (1, 1)), True),   # an RGB stem: 27 = 3 x 3 x 3 products per output
+    (4, ((1, 1), (1, 1)), False),  # Eigen is faster from here on
+    (3, "SAME", False),            # only explicit padding (the models' convs) is taken
+])
+def test_cpu_conv_multiplies_patches_of_few_channel_convs(channels, padding, patches):
+  x = jax.ShapeDtypeStruct((2, 8, 8, channels), jnp.float32)
+  conv = cpu_lowering.CPU.conv(8, (3, 3), padding=padding)
+  variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+  jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
+  assert ("conv_general_dilated" not in jaxpr) == ("dot_general" in jaxpr) == patches
 
 
 class PoolingPhasesTest(chex.TestCase):
   """The CNN's stem on CPU convolves the four pooling phases at stride 2 (`pooling_phases`,
-  `max_over_phases`): the same numbers as the padded conv and `max_pool_2x2`."""
+  `max_over_phases`): the same numbers as the padded conv and the 2x2 max-pool."""
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters((1, 6, 8), (3, 4, 4))
@@ -403,10 +400,11 @@ class PoolingPhasesTest(chex.TestCase):
         x, k, (s, s), p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def by_phases(x, k):
-      return models.max_over_phases(jax.nn.relu(conv(models.pooling_phases(x), k, 2, "VALID")))
+      return cpu_lowering.max_over_phases(
+          jax.nn.relu(conv(cpu_lowering.pooling_phases(x), k, 2, "VALID")))
 
     def reference(x, k):
-      return models.max_pool_2x2(jax.nn.relu(conv(x, k, 1, ((1, 1), (1, 1)))))
+      return cpu_lowering.max_pool_2x2(jax.nn.relu(conv(x, k, 1, ((1, 1), (1, 1)))))
 
     got, want = (self.variant(jax.value_and_grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights),
                                                  argnums=(0, 1)))(x, kernel)
@@ -420,39 +418,58 @@ class PoolingPhasesTest(chex.TestCase):
     collective for them (phase-major blocks needed all-to-alls)."""
     mesh = parallel.make_mesh()
     x = jax.device_put(jnp.ones((2 * mesh.size, 6, 6, 1)), parallel.batch_sharding(mesh))
-    f = jax.jit(lambda x: jax.grad(lambda x: jnp.sum(
-        models.max_over_phases(models.pooling_phases(x)[:, 1:, 1:]) ** 2))(x),
+    f = jax.jit(lambda x: jax.grad(lambda x: jnp.sum(cpu_lowering.max_over_phases(
+        cpu_lowering.pooling_phases(x)[:, 1:, 1:]) ** 2))(x),
                 out_shardings=parallel.batch_sharding(mesh))
     hlo = f.lower(x).compile().as_text()
     for op in ("all-to-all", "all-gather", "collective-permute", "all-reduce"):
       assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
 
   def test_cnn_takes_phases_where_they_pay(self):
-    on_cpu = jax.default_backend() == "cpu"
-    assert models._pools_by_phases(jnp.zeros((2, 28, 28, 1))) == on_cpu
-    assert models._pools_by_phases(jnp.zeros((2, 32, 32, 3))) == on_cpu
-    assert not models._pools_by_phases(jnp.zeros((2, 14, 14, 16)))  # input gradient by phases
-    assert not models._pools_by_phases(jnp.zeros((2, 27, 28, 1)))  # odd: statistics would differ
+    pools_by_phases = cpu_lowering.CPU.pools_by_phases
+    assert pools_by_phases(jnp.zeros((2, 28, 28, 1)))
+    assert pools_by_phases(jnp.zeros((2, 32, 32, 3)))
+    assert not pools_by_phases(jnp.zeros((2, 14, 14, 16)))  # input gradient by phases
+    assert not pools_by_phases(jnp.zeros((2, 27, 28, 1)))  # odd: statistics would differ
+    assert not dataclasses.replace(cpu_lowering.CPU, pooling_phases=False).pools_by_phases(
+        jnp.zeros((2, 28, 28, 1)))
 
-  def test_cnn_with_phases_equals_cnn_without(self):
-    """Logits, features, batch statistics and gradients, in training mode; only the summation
-    order of the batch statistics differs."""
-    model, variables, _ = _initialised("cnn", RUN_SHAPE["cnn"])
-    x = jax.random.normal(jax.random.key(3), (4, *RUN_SHAPE["cnn"][1:]))
 
-    def train_apply(params):
-      (logits, features), state = model.apply({**variables, "params": params}, x, train=True,
-                                              mutable=["batch_stats"])
-      return jnp.sum(jnp.tanh(logits)), (logits, features, state)
+def _cnn_train_outputs(lowering, variables, x):
+  """Logits, features, batch statistics and parameter gradients of one training-mode pass."""
+  model = models.create_backbone("cnn", NUM_CLASSES, lowering=lowering)
 
-    step = lambda: jax.jit(jax.value_and_grad(train_apply, has_aux=True))(variables["params"])
-    if not models._pools_by_phases(x):
-      pytest.skip("the CNN takes pooling phases on CPU only")
-    with_phases = step()
-    with mock.patch.object(models, "_pools_by_phases", lambda x: False):
-      without = step()
-    chex.assert_trees_all_equal_structs(with_phases, without)
-    chex.assert_trees_all_close(with_phases, without, rtol=1e-5, atol=1e-5)
+  def train_apply(params):
+    (logits, features), state = model.apply({**variables, "params": params}, x, train=True,
+                                            mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(logits)), (logits, features, state)
+
+  return jax.jit(jax.value_and_grad(train_apply, has_aux=True))(variables["params"])
+
+
+@pytest.mark.parametrize("pooling_phases", [True, False])
+def test_cnn_with_the_cpu_lowering_equals_the_plain_cnn(pooling_phases):
+  """Only the summation order of the batch statistics differs, so values agree to rounding."""
+  _, variables, _ = _initialised("cnn", RUN_SHAPE["cnn"])
+  x = jax.random.normal(jax.random.key(3), (4, *RUN_SHAPE["cnn"][1:]))
+  lowering = dataclasses.replace(cpu_lowering.CPU, pooling_phases=pooling_phases)
+  lowered, plain = (_cnn_train_outputs(lw, variables, x) for lw in (lowering, None))
+  chex.assert_trees_all_equal_structs(lowered, plain)
+  chex.assert_trees_all_close(lowered, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fmcenet_with_the_cpu_lowering_equals_the_plain_fmcenet():
+  fmap = jax.random.normal(jax.random.key(2), (4, 7, 7, 64))
+  heads = [models.FMCENet(num_phases=5, lowering=lw) for lw in (cpu_lowering.CPU, None)]
+  variables = heads[1].init(jax.random.key(0), fmap, train=False)
+
+  def train_loss(head, fmap):
+    logits, _ = head.apply(variables, fmap, train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(logits))
+
+  lowered, plain = (jax.jit(jax.value_and_grad(functools.partial(train_loss, h)))(fmap)
+                    for h in heads)
+  chex.assert_trees_all_close(lowered, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_jitted_cnn_gradient_equals_op_by_op():
@@ -460,7 +477,7 @@ def test_jitted_cnn_gradient_equals_op_by_op():
   by comparing its input with its output, which XLA may evaluate in different fusions. With a
   BatchNorm that summed by blocked matmuls (tried for speed), the jitted CNN gradient lost most
   of its value while op by op, where nothing is fused, it was right."""
-  model = models.create_backbone("cnn", NUM_CLASSES)
+  model = models.create_backbone("cnn", NUM_CLASSES, lowering=cpu_lowering.CPU)
   x = jax.random.normal(jax.random.key(0), (32, *RUN_SHAPE["cnn"][1:]))
   variables = model.init(jax.random.key(1), x, train=False)
 
@@ -474,39 +491,71 @@ def test_jitted_cnn_gradient_equals_op_by_op():
                               rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("size, channels, kernel, strides, groups, lowering", [
-    (8, 1, (3, 3), 1, 1, "patches"),        # Eigen is slow on few input channels
-    (8, 3, (3, 3), 2, 1, "patches"),
-    (8, 4, (3, 3), 1, 1, "materialize"),    # kernel gradient reads the input transposed
-    (8, 8, (1, 1), 2, 1, "materialize"),    # strided 1x1: still a convolution for XLA
-    (8, 8, (1, 1), 1, 1, "conv"),           # a matmul for XLA: no transpose to feed
-    (8, 8, (3, 3), 1, 8, "conv"),           # depthwise: the identity matmul would cost more
-    (4, 8, (3, 3), 1, 1, "taps"),           # 31% of the taps on padding (ResNet stage 4)
-    (4, 8, (3, 3), 2, 1, "materialize"),    # strided: input gradient by phases instead
+class TinyBackbone(nn.Module):
+  """Your own backbone, as a user would write it: `(logits, {name: map})` from `(x, train)`."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    block = nn.relu(nn.Conv(4, (3, 3), dtype=self.dtype, name="block")(x))
+    pooled = jnp.mean(block, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype)(pooled)
+    return logits, {"pooled": pooled, "block": block}
+
+
+def tiny_factory(num_classes: int, dtype: Any) -> nn.Module:
+  return TinyBackbone(num_classes=num_classes, dtype=dtype)
+
+
+def wrong_call_factory(num_classes: int, dtype: Any) -> nn.Module:
+  return nn.Dense(num_classes, dtype=dtype)  # called as model(x, train=...): fails
+
+
+def ten_classes_factory(num_classes: int, dtype: Any) -> nn.Module:
+  del num_classes  # ignored: always 10 logits
+  return TinyBackbone(num_classes=10, dtype=dtype)
+
+
+not_callable = 3
+
+
+def no_dtype_factory(num_classes: int) -> nn.Module:
+  return TinyBackbone(num_classes=num_classes)
+
+
+def test_your_own_backbone_resolves_and_lists_its_feature_maps():
+  spec = f"{__name__}:tiny_factory"
+  model = models.create_backbone(spec, NUM_CLASSES, jnp.bfloat16)
+  assert isinstance(model, TinyBackbone) and model.dtype == jnp.bfloat16
+  _, (logits, features) = _abstract(model, (2, 28, 28, 1))
+  chex.assert_shape(logits, (2, NUM_CLASSES))
+  assert set(features) == {"pooled", "block"}
+  # Only the [N, H, W, C] maps an FMCE-Net can read, in the model's own order.
+  assert models.feature_names(spec, NUM_CLASSES, (28, 28, 1)) == ("block",)
+  assert models.feature_names("resnet18", NUM_CLASSES, (32, 32, 3)) == models.STAGES["resnet18"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("vgg16", "unknown backbone 'vgg16'"),
+    ("no_such_package_xyz.models:factory", "cannot import 'no_such_package_xyz.models'"),
+    (f"{__name__}:no_such_factory", "has no attribute 'no_such_factory'"),
+    (f"{__name__}:not_callable", "non-callable 'not_callable'"),
+    (f"{__name__}:no_dtype_factory", r"no_dtype_factory\(num_classes=..., dtype=...\) cannot"),
+    (f"{__name__}:", "unknown backbone"),
 ])
-def test_cpu_conv_lowers_each_conv_where_it_pays(size, channels, kernel, strides, groups,
-                                                 lowering):
-  x = jnp.ones((2, size, size, channels))
-
-  def lowered(kernel_grad):
-    conv = nn.Conv(8, kernel, strides, padding=((1, 1), (1, 1)) if kernel[0] == 3 else "SAME",
-                   feature_group_count=groups,
-                   conv_general_dilated=functools.partial(models.cpu_conv, kernel_grad=kernel_grad))
-    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
-    jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
-    return ("taps" if "scatter-add" in jaxpr else "conv" if "dot_general" not in jaxpr else
-            "materialize" if "conv_general_dilated" in jaxpr else "patches")
-
-  assert lowered(kernel_grad=True) == lowering
-  # Without a kernel gradient to feed, nothing is stored for it.
-  assert lowered(kernel_grad=False) == ("conv" if lowering == "materialize" else lowering)
+def test_bad_backbones_name_the_value_and_what_is_accepted(spec, message):
+  with pytest.raises(ValueError, match=message) as error:
+    models.create_backbone(spec, NUM_CLASSES)
+  assert "resnet18" in str(error.value) and "package.module:factory" in str(error.value)
 
 
-def test_models_take_the_cpu_lowerings_only_on_cpu():
-  on_cpu = jax.default_backend() == "cpu"
-  for train in (True, False):
-    conv, norm = models._conv_and_norm(jnp.float32, train=train)
-    lowering = conv.keywords["conv_general_dilated"]
-    assert (lowering is not None) == on_cpu == norm.keywords["cpu_lowering"]
-    if on_cpu:
-      assert lowering.func is models.cpu_conv and lowering.keywords == {"kernel_grad": train}
+@pytest.mark.parametrize("factory, message", [
+    ("wrong_call_factory", "fails on a"),
+    ("ten_classes_factory", r"logits of shape \(1, 7\)"),
+])
+def test_feature_names_rejects_models_breaking_the_contract(factory, message):
+  spec = f"{__name__}:{factory}"
+  with pytest.raises(ValueError, match=message) as error:
+    models.feature_names(spec, 7, (8, 8, 1))
+  assert repr(spec) in str(error.value)
