@@ -44,6 +44,7 @@ CIFAR = datasets.DATASET_INFO["cifar10"]
 
 class Linear(nn.Module):
   """One Dense layer: a train step with next to no compute, so the loop's own cost shows."""
+
   num_classes: int
 
   @nn.compact
@@ -62,50 +63,73 @@ def _model(backbone: str, num_classes: int) -> nn.Module:
 
 
 def _initial_state(job: trainer.Job, mesh: Mesh) -> steps.TrainState:
-  init = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
-                 out_shardings=parallel.replicated(mesh))
+  init = jax.jit(
+    functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
+    out_shardings=parallel.replicated(mesh),
+  )
   return init(jax.random.PRNGKey(0))
 
 
-def _job(args: argparse.Namespace, arrays: dict[str, np.ndarray], batch_size: int, path: str,
-         mesh: Mesh) -> trainer.Job:
+def _job(
+  args: argparse.Namespace, arrays: dict[str, np.ndarray], batch_size: int, path: str, mesh: Mesh
+) -> trainer.Job:
   """The loop's job on `arrays` (MNIST-shaped, no augmentation, no evaluation)."""
   common = dict(global_batch=batch_size, epochs=args.epochs, seed=0)
   if path == "device":
     data = device_input.train_batches(arrays, mesh=mesh, augment=False, **common)
   else:
-    data = input_pipeline.HostBatches(input_pipeline.epoch_batches(
+    data = input_pipeline.HostBatches(
+      input_pipeline.epoch_batches(
         grain.MapDataset.source(input_pipeline.ArraySource(**arrays)),
-        process_index=jax.process_index(), process_count=jax.process_count(), **common), mesh)
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        **common,
+      ),
+      mesh,
+    )
   spe = input_pipeline.steps_per_epoch(len(arrays["label"]), batch_size)
   lr = optax.constant_schedule(0.01)
   return trainer.Job(
-      model=_model(args.backbone, MNIST.num_classes),
-      preprocess=functools.partial(steps.normalize, mean=MNIST.mean, std=MNIST.std),
-      input_shape=MNIST.image_shape, train_data=data, steps_per_epoch=spe,
-      tx=steps.create_optimizer("sgd", lr, weight_decay=5e-4), learning_rate=lr,
-      identity={"bench": "loop", "path": path, "batch_size": batch_size}, **common)
+    model=_model(args.backbone, MNIST.num_classes),
+    preprocess=functools.partial(steps.normalize, mean=MNIST.mean, std=MNIST.std),
+    input_shape=MNIST.image_shape,
+    train_data=data,
+    steps_per_epoch=spe,
+    tx=steps.create_optimizer("sgd", lr, weight_decay=5e-4),
+    learning_rate=lr,
+    identity={"bench": "loop", "path": path, "batch_size": batch_size},
+    **common,
+  )
 
 
 def _fit(job: trainer.Job, mesh: Mesh, path: str) -> dict[str, float]:
   """One `trainer.fit` from scratch: its steady-state rate and the wall time of the call."""
   with tempfile.TemporaryDirectory() as run_dir:
     start = time.perf_counter()
-    result = trainer.fit(job, Path(run_dir), mesh, trainer.LoopOptions(
-        progress_bar=False, description=f"loop {path}"))
+    result = trainer.fit(
+      job, Path(run_dir), mesh, trainer.LoopOptions(progress_bar=False, description=f"loop {path}")
+    )
     wall = time.perf_counter() - start
-  return {"images_per_second": result["images_per_second"],
-          "wall_images_per_second": result["steps"] * job.global_batch / wall,
-          "steps": result["steps"]}
+  return {
+    "images_per_second": result["images_per_second"],
+    "wall_images_per_second": result["steps"] * job.global_batch / wall,
+    "steps": result["steps"],
+  }
 
 
-def _step_ms(job: trainer.Job, mesh: Mesh, arrays: dict[str, np.ndarray],
-             steps_timed: int) -> float:
+def _step_ms(
+  job: trainer.Job, mesh: Mesh, arrays: dict[str, np.ndarray], steps_timed: int
+) -> float:
   """ms per step of the job's jitted step alone: back to back on one device batch, no syncs."""
-  train_fn = trainer.jit_train_step(mesh, preprocess=job.preprocess, head=None, loss=job.loss,
-                                    compiler_options=parallel.compiler_options(mesh))
+  train_fn = trainer.jit_train_step(
+    mesh,
+    preprocess=job.preprocess,
+    head=None,
+    loss=job.loss,
+    compiler_options=parallel.compiler_options(mesh),
+  )
   state = _initial_state(job, mesh)
-  batch = parallel.global_batch({k: v[:job.global_batch] for k, v in arrays.items()}, mesh)
+  batch = parallel.global_batch({k: v[: job.global_batch] for k, v in arrays.items()}, mesh)
   rng = jax.random.PRNGKey(1)
   for _ in range(3):
     state, _ = train_fn(state, batch, rng, None)
@@ -121,9 +145,12 @@ def _scan_ms(job: trainer.Job, mesh: Mesh, k: int, sync_every: int) -> float:
   """ms per step of a loop over `DeviceBatches.scan_steps(k)` for one epoch: k steps per
   dispatch, the metrics brought to the host every `sync_every` steps (rounded up to k)."""
   data = job.train_data
-  run = data.scan_steps(functools.partial(steps.train_step, preprocess=job.preprocess,
-                                          loss=job.loss), k, jax.random.PRNGKey(1),
-                        parallel.compiler_options(mesh))
+  run = data.scan_steps(
+    functools.partial(steps.train_step, preprocess=job.preprocess, loss=job.loss),
+    k,
+    jax.random.PRNGKey(1),
+    parallel.compiler_options(mesh),
+  )
   state, _ = run(_initial_state(job, mesh), 0)  # compiles
   jax.block_until_ready(state)
   calls = data.steps_per_epoch // k
@@ -144,8 +171,10 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
   """Per batch size: each path's loop rate, the step alone, the host overhead, and k steps per
   dispatch on device batches (medians over rounds)."""
   rng = np.random.default_rng(0)
-  arrays = {"image": rng.integers(0, 256, (args.examples, *MNIST.image_shape), dtype=np.uint8),
-            "label": rng.integers(0, MNIST.num_classes, args.examples).astype(np.int32)}
+  arrays = {
+    "image": rng.integers(0, 256, (args.examples, *MNIST.image_shape), dtype=np.uint8),
+    "label": rng.integers(0, MNIST.num_classes, args.examples).astype(np.int32),
+  }
   runs: dict[tuple[int, str], list[dict[str, float]]] = {}
   step_ms: dict[int, list[float]] = {}
   scan_ms: dict[tuple[int, int], list[float]] = {}
@@ -158,7 +187,8 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
       device_job = _job(args, arrays, b, "device", mesh)
       for k in args.scan:
         scan_ms.setdefault((b, k), []).append(
-            _scan_ms(device_job, mesh, k, trainer.LoopOptions.log_every))
+          _scan_ms(device_job, mesh, k, trainer.LoopOptions.log_every)
+        )
   loop: dict[str, Any] = {}
   for b in args.batch_sizes:
     alone = statistics.median(step_ms[b])
@@ -168,43 +198,60 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
       ips = statistics.median(rates)
       ms = b / ips * 1e3
       entry[path] = {
-          "images_per_second": ips, "images_per_second_by_round": rates,
-          "steps_per_second": ips / b, "ms_per_step": ms,
-          "host_overhead_ms": ms - alone,
-          "wall_images_per_second": statistics.median(
-              r["wall_images_per_second"] for r in runs[b, path]),
-          "steps": runs[b, path][0]["steps"]}
+        "images_per_second": ips,
+        "images_per_second_by_round": rates,
+        "steps_per_second": ips / b,
+        "ms_per_step": ms,
+        "host_overhead_ms": ms - alone,
+        "wall_images_per_second": statistics.median(
+          r["wall_images_per_second"] for r in runs[b, path]
+        ),
+        "steps": runs[b, path][0]["steps"],
+      }
     entry["scan"] = {}
     for k in args.scan:
       ms = statistics.median(scan_ms[b, k])
-      entry["scan"][str(k)] = {"ms_per_step": ms, "steps_per_second": 1e3 / ms,
-                               "images_per_second": b * 1e3 / ms}
+      entry["scan"][str(k)] = {
+        "ms_per_step": ms,
+        "steps_per_second": 1e3 / ms,
+        "images_per_second": b * 1e3 / ms,
+      }
     best = max(args.inputs, key=lambda p: entry[p]["images_per_second"])
-    entry["ceiling"] = {"input": best, "images_per_second": entry[best]["images_per_second"],
-                        "steps_per_second": entry[best]["steps_per_second"]}
+    entry["ceiling"] = {
+      "input": best,
+      "images_per_second": entry[best]["images_per_second"],
+      "steps_per_second": entry[best]["steps_per_second"],
+    }
     loop[str(b)] = entry
   return loop
 
 
-def train_flops_per_image(backbone: str, image_shape: tuple[int, ...], num_classes: int,
-                          batch_size: int, dtype: str) -> float | None:
+def train_flops_per_image(
+  backbone: str, image_shape: tuple[int, ...], num_classes: int, batch_size: int, dtype: str
+) -> float | None:
   """XLA's FLOP count of the compiled baseline train step (as `trainer.fit` jits it, on one
   device), per image; the optimizer update is spread over the batch."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  model = models.create_backbone(backbone, num_classes,
-                                 jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+  model = models.create_backbone(
+    backbone, num_classes, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  )
   tx = steps.create_optimizer("sgd", optax.constant_schedule(0.1), weight_decay=5e-4)
-  state = jax.eval_shape(functools.partial(steps.create_train_state, model, tx, image_shape),
-                         jax.random.PRNGKey(0))
-  batch = {"image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8),
-           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  state = jax.eval_shape(
+    functools.partial(steps.create_train_state, model, tx, image_shape), jax.random.PRNGKey(0)
+  )
+  batch = {
+    "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8),
+    "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
   mean, std = (CIFAR.mean, CIFAR.std) if image_shape[-1] == 3 else (MNIST.mean, MNIST.std)
   train_fn = trainer.jit_train_step(
-      mesh, preprocess=functools.partial(steps.normalize, mean=mean, std=std,
-                                         dtype=model.dtype),
-      head=None, loss=steps.Loss(), compiler_options=parallel.compiler_options(mesh))
-  flops = bench.compiled_flops(
-      train_fn.lower(state, batch, jax.random.PRNGKey(0), None).compile())
+    mesh,
+    preprocess=functools.partial(steps.normalize, mean=mean, std=std, dtype=model.dtype),
+    head=None,
+    loss=steps.Loss(),
+    compiler_options=parallel.compiler_options(mesh),
+  )
+  flops = bench.compiled_flops(train_fn.lower(state, batch, jax.random.PRNGKey(0), None).compile())
   return flops / batch_size if flops else None
 
 
@@ -214,20 +261,29 @@ def required_rates(args: argparse.Namespace) -> dict[str, Any]:
   image_shape = tuple(args.required_image_shape)
   rates = {}
   for backbone in args.required:
-    flops = train_flops_per_image(backbone, image_shape, CIFAR.num_classes,
-                                  args.required_batch, args.required_dtype)
+    flops = train_flops_per_image(
+      backbone, image_shape, CIFAR.num_classes, args.required_batch, args.required_dtype
+    )
     ips = args.mfu * peak / flops if flops and peak else None
     rates[backbone] = {
-        "train_flops_per_image": flops,
-        "forward_flops_per_image": bench.forward_flops_per_image(backbone, image_shape,
-                                                                 CIFAR.num_classes),
-        "images_per_second": ips,
-        "steps_per_second": ips / args.required_batch if ips else None,
-        "step_ms": args.required_batch / ips * 1e3 if ips else None}
-  return {"device": args.peak_device, "peak_flops_per_device": peak, "mfu": args.mfu,
-          "batch_size": args.required_batch, "dtype": args.required_dtype,
-          "image_shape": list(image_shape), "source": "XLA cost_analysis() of the compiled "
-          "baseline train step on this host's backend", "backbones": rates}
+      "train_flops_per_image": flops,
+      "forward_flops_per_image": bench.forward_flops_per_image(
+        backbone, image_shape, CIFAR.num_classes
+      ),
+      "images_per_second": ips,
+      "steps_per_second": ips / args.required_batch if ips else None,
+      "step_ms": args.required_batch / ips * 1e3 if ips else None,
+    }
+  return {
+    "device": args.peak_device,
+    "peak_flops_per_device": peak,
+    "mfu": args.mfu,
+    "batch_size": args.required_batch,
+    "dtype": args.required_dtype,
+    "image_shape": list(image_shape),
+    "source": "XLA cost_analysis() of the compiled baseline train step on this host's backend",
+    "backbones": rates,
+  }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -245,52 +301,84 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if target and at:
     ratio = at["ceiling"]["steps_per_second"] / target
     scan = {k: v["steps_per_second"] / target for k, v in at["scan"].items()}
-    goal = {"backbone": args.goal_backbone, "batch_size": required["batch_size"],
-            "ceiling_over_required": ratio, "wanted": args.goal_factor,
-            "met": ratio >= args.goal_factor,
-            "scan_over_required": scan}
-  return {"config": {"backbone": args.backbone, "image_shape": list(MNIST.image_shape),
-                     "examples": args.examples, "epochs": args.epochs, "rounds": args.rounds,
-                     "inputs": list(args.inputs), "scan": args.scan, "augment": False,
-                     "progress_bar": False,
-                     "log_every": trainer.LoopOptions.log_every,
-                     "checkpoint": "every epoch end", "devices": mesh.size},
-          "environment": env, "loop": loop, "required": required, "goal": goal}
+    goal = {
+      "backbone": args.goal_backbone,
+      "batch_size": required["batch_size"],
+      "ceiling_over_required": ratio,
+      "wanted": args.goal_factor,
+      "met": ratio >= args.goal_factor,
+      "scan_over_required": scan,
+    }
+  return {
+    "config": {
+      "backbone": args.backbone,
+      "image_shape": list(MNIST.image_shape),
+      "examples": args.examples,
+      "epochs": args.epochs,
+      "rounds": args.rounds,
+      "inputs": list(args.inputs),
+      "scan": args.scan,
+      "augment": False,
+      "progress_bar": False,
+      "log_every": trainer.LoopOptions.log_every,
+      "checkpoint": "every epoch end",
+      "devices": mesh.size,
+    },
+    "environment": env,
+    "loop": loop,
+    "required": required,
+    "goal": goal,
+  }
 
 
 def format_table(result: dict[str, Any]) -> str:
   cfg, env, req = result["config"], result["environment"], result["required"]
-  lines = [f"loop ceiling: trainer.fit, {cfg['backbone']} model, {cfg['examples']} MNIST-shaped "
-           f"examples x {cfg['epochs']} epochs, on {env['device_count']} x {env['device_kind']} "
-           f"(load {env['load_average_start'][0]:.1f} -> {env['load_average_end'][0]:.1f})",
-           f"{'batch':>6}{'input':>8}{'img/s':>10}{'steps/s':>9}{'ms/step':>9}"
-           f"{'step alone':>11}{'host ms':>9}{'wall img/s':>11}"]
+  lines = [
+    f"loop ceiling: trainer.fit, {cfg['backbone']} model, {cfg['examples']} MNIST-shaped "
+    f"examples x {cfg['epochs']} epochs, on {env['device_count']} x {env['device_kind']} "
+    f"(load {env['load_average_start'][0]:.1f} -> {env['load_average_end'][0]:.1f})",
+    f"{'batch':>6}{'input':>8}{'img/s':>10}{'steps/s':>9}{'ms/step':>9}"
+    f"{'step alone':>11}{'host ms':>9}{'wall img/s':>11}",
+  ]
   for b, entry in result["loop"].items():
     for path in cfg["inputs"]:
       f = entry[path]
-      lines.append(f"{b:>6}{path:>8}{f['images_per_second']:>10.0f}"
-                   f"{f['steps_per_second']:>9.1f}{f['ms_per_step']:>9.2f}"
-                   f"{bench._fmt(entry['step_ms'], '11.2f')}"
-                   f"{bench._fmt(f['host_overhead_ms'], '9.2f')}"
-                   f"{f['wall_images_per_second']:>11.0f}")
+      lines.append(
+        f"{b:>6}{path:>8}{f['images_per_second']:>10.0f}"
+        f"{f['steps_per_second']:>9.1f}{f['ms_per_step']:>9.2f}"
+        f"{bench._fmt(entry['step_ms'], '11.2f')}"
+        f"{bench._fmt(f['host_overhead_ms'], '9.2f')}"
+        f"{f['wall_images_per_second']:>11.0f}"
+      )
     if entry["scan"]:
-      lines.append(f"{b:>6}  device batches, k steps per dispatch (lax.scan, no checkpoints): "
-                   + ", ".join(f"k={k} {v['ms_per_step']:.3f} ms/step ({v['images_per_second']:.0f}"
-                               " img/s)" for k, v in entry["scan"].items()))
+      lines.append(
+        f"{b:>6}  device batches, k steps per dispatch (lax.scan, no checkpoints): "
+        + ", ".join(
+          f"k={k} {v['ms_per_step']:.3f} ms/step ({v['images_per_second']:.0f} img/s)"
+          for k, v in entry["scan"].items()
+        )
+      )
   peak = req["peak_flops_per_device"]
-  lines.append(f"needed at {req['mfu']:.0%} MFU of {req['device']} "
-               f"({_tflops(peak)} TFLOP/s), batch {req['batch_size']} {req['dtype']}:")
+  lines.append(
+    f"needed at {req['mfu']:.0%} MFU of {req['device']} "
+    f"({_tflops(peak)} TFLOP/s), batch {req['batch_size']} {req['dtype']}:"
+  )
   for name, r in req["backbones"].items():
-    lines.append(f"  {name:<14} {bench._fmt(r['train_flops_per_image'], '.3g', 1e-9)} GFLOP/image "
-                 f"(train step), {bench._fmt(r['images_per_second'], '.0f')} img/s = "
-                 f"{bench._fmt(r['steps_per_second'], '.0f')} steps/s")
+    lines.append(
+      f"  {name:<14} {bench._fmt(r['train_flops_per_image'], '.3g', 1e-9)} GFLOP/image "
+      f"(train step), {bench._fmt(r['images_per_second'], '.0f')} img/s = "
+      f"{bench._fmt(r['steps_per_second'], '.0f')} steps/s"
+    )
   goal = result["goal"]
   if goal:
-    lines.append(f"ceiling / {goal['backbone']} need at batch {goal['batch_size']}: "
-                 f"{goal['ceiling_over_required']:.2f}x (goal >= {goal['wanted']:g}x: "
-                 f"{'met' if goal['met'] else 'NOT met'})"
-                 + "".join(f"; with k={k} steps per dispatch {r:.2f}x"
-                           for k, r in goal["scan_over_required"].items()))
+    lines.append(
+      f"ceiling / {goal['backbone']} need at batch {goal['batch_size']}: "
+      f"{goal['ceiling_over_required']:.2f}x (goal >= {goal['wanted']:g}x: "
+      f"{'met' if goal['met'] else 'NOT met'})"
+      + "".join(
+        f"; with k={k} steps per dispatch {r:.2f}x" for k, r in goal["scan_over_required"].items()
+      )
+    )
   return "\n".join(lines)
 
 
@@ -303,29 +391,46 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m fmcejax.bench_loop",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--backbone", default="linear", choices=("linear", *models.BACKBONES),
-                      help="the model the loop trains (linear: one Dense layer)")
+  parser = argparse.ArgumentParser(
+    prog="python -m fmcejax.bench_loop", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument(
+    "--backbone",
+    default="linear",
+    choices=("linear", *models.BACKBONES),
+    help="the model the loop trains (linear: one Dense layer)",
+  )
   parser.add_argument("--batch_sizes", default=[128, 512], type=_ints)
   parser.add_argument("--inputs", default=list(INPUTS), type=lambda s: s.split(","))
   parser.add_argument("--examples", type=int, default=60000, help="MNIST-shaped examples")
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--scan", default=[1, 8], type=_ints,
-                      help="steps per dispatch to time with DeviceBatches.scan_steps ('' none)")
-  parser.add_argument("--step_repeats", type=int, default=200,
-                      help="steps of the step-alone timing")
-  parser.add_argument("--required", default=["resnet18", "resnet50"],
-                      type=lambda s: [v for v in s.split(",") if v],
-                      help="backbones whose needed step rate is reported ('' for none)")
+  parser.add_argument(
+    "--scan",
+    default=[1, 8],
+    type=_ints,
+    help="steps per dispatch to time with DeviceBatches.scan_steps ('' none)",
+  )
+  parser.add_argument(
+    "--step_repeats", type=int, default=200, help="steps of the step-alone timing"
+  )
+  parser.add_argument(
+    "--required",
+    default=["resnet18", "resnet50"],
+    type=lambda s: [v for v in s.split(",") if v],
+    help="backbones whose needed step rate is reported ('' for none)",
+  )
   parser.add_argument("--required_image_shape", default=CIFAR.image_shape, type=_ints)
   parser.add_argument("--required_batch", type=int, default=128)
   parser.add_argument("--required_dtype", default="bfloat16", choices=("float32", "bfloat16"))
   parser.add_argument("--mfu", type=float, default=0.35)
   parser.add_argument("--peak_device", default="H200")
-  parser.add_argument("--peak_tflops", type=float, default=0.0,
-                      help="peak dense TFLOP/s (default: bench.PEAK_FLOPS of --peak_device)")
+  parser.add_argument(
+    "--peak_tflops",
+    type=float,
+    default=0.0,
+    help="peak dense TFLOP/s (default: bench.PEAK_FLOPS of --peak_device)",
+  )
   parser.add_argument("--goal_backbone", default="resnet18")
   parser.add_argument("--goal_factor", type=float, default=3.0)
   parser.add_argument("--json", default="")

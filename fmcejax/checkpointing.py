@@ -26,8 +26,11 @@ class CheckpointMismatch(RuntimeError):
 
 def manager(directory: epath.PathLike, max_to_keep: int | None) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      epath.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True))
+    epath.Path(directory).absolute(),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+    ),
+  )
 
 
 def abstract(tree: Any) -> Any:
@@ -35,17 +38,26 @@ def abstract(tree: Any) -> Any:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, progress: dict[str, Any]) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+  mngr.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+    ),
+    force=True,
+  )
 
 
 def _check_identity(saved: dict[str, Any], expected: dict[str, Any], directory: Any) -> None:
-  diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
-           for k, v in expected.items() if saved.get(k) != v]
+  diffs = [
+    f"{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
+    for k, v in expected.items()
+    if saved.get(k) != v
+  ]
   if diffs:
     raise CheckpointMismatch(
-        f"{directory} holds a checkpoint of a different job ({'; '.join(diffs)}). Use another "
-        "--workdir, or delete that directory to start this run from scratch.")
+      f"{directory} holds a checkpoint of a different job ({'; '.join(diffs)}). Use another "
+      "--workdir, or delete that directory to start this run from scratch."
+    )
 
 
 def _quarantine(mngr: ocp.CheckpointManager, bad_steps: list[int]) -> None:
@@ -62,8 +74,9 @@ def _quarantine(mngr: ocp.CheckpointManager, bad_steps: list[int]) -> None:
   mngr.reload()
 
 
-def restore_latest_good(mngr: ocp.CheckpointManager, state: Any, identity: dict[str, Any],
-                        run_dir: Any) -> tuple[Any, dict[str, Any]] | None:
+def restore_latest_good(
+  mngr: ocp.CheckpointManager, state: Any, identity: dict[str, Any], run_dir: Any
+) -> tuple[Any, dict[str, Any]] | None:
   """(state, progress) of the newest readable checkpoint, or None if none exist.
 
   If checkpoints exist but none is readable the run stops rather than silently starting over.
@@ -74,25 +87,36 @@ def restore_latest_good(mngr: ocp.CheckpointManager, state: Any, identity: dict[
     try:
       meta = mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
       _check_identity(meta.progress["identity"], identity, run_dir)
-      out = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract(state))))
+      out = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(state)))
+      )
     except CheckpointMismatch:
       raise
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous
-      logging.error("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
-                    mngr.directory, step, type(e).__name__, str(e)[:300])
+      logging.error(
+        "checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+        mngr.directory,
+        step,
+        type(e).__name__,
+        str(e)[:300],
+      )
       errors.append(f"step {step}: {type(e).__name__}")
       continue
     if errors:
       _quarantine(mngr, [c for c in candidates if c > step])
-      logging.warning("resumed from step %d after skipping unreadable checkpoint(s): %s (moved "
-                      "to %s.corrupt)", step, ", ".join(errors), mngr.directory)
+      logging.warning(
+        "resumed from step %d after skipping unreadable checkpoint(s): %s (moved to %s.corrupt)",
+        step,
+        ", ".join(errors),
+        mngr.directory,
+      )
     logging.info("%s: resumed from step %d", run_dir, step)
     return out.state, meta.progress
   if candidates:
     raise RuntimeError(
-        f"no readable checkpoint in {mngr.directory} ({'; '.join(errors)}). Refusing to "
-        "start over silently: delete that directory to restart this run from scratch.")
+      f"no readable checkpoint in {mngr.directory} ({'; '.join(errors)}). Refusing to "
+      "start over silently: delete that directory to restart this run from scratch."
+    )
   return None
 
 
@@ -111,14 +135,18 @@ class Snapshots:
   def save(self, epoch: int, state: Any) -> None:
     if epoch in self._manager.all_steps():  # re-trained after a kill: replace the earlier copy
       self._manager.delete(epoch)
-    self._manager.save(epoch, args=ocp.args.StandardSave(
-        {"params": state.params, "batch_stats": state.batch_stats}), force=True)
+    self._manager.save(
+      epoch,
+      args=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+      force=True,
+    )
     self._manager.wait_until_finished()
 
   def restore(self, epoch: int, mesh: Mesh) -> Any:
     # Replicated over `mesh`, whatever devices saved it (a resumed run elsewhere).
-    return self._manager.restore(epoch, args=ocp.args.StandardRestore(
-        fallback_sharding=parallel.replicated(mesh)))
+    return self._manager.restore(
+      epoch, args=ocp.args.StandardRestore(fallback_sharding=parallel.replicated(mesh))
+    )
 
   def keep_only(self, epochs: Any) -> None:
     for step in self._manager.all_steps():

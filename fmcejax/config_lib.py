@@ -24,9 +24,19 @@ AUGMENT = ("auto", "on", "off")
 INPUT_ON_DEVICE = ("auto", "on", "off")
 NAN_POLICIES = ("error", "skip")
 # Fields that do not change results: a finished workdir may be re-run with other values.
-RUN_ONLY_FIELDS = ("stages", "seeds", "data_dir", "tfds_data_dir", "download",
-                   "checkpoint_every_steps", "keep_checkpoints", "log_every", "progress_bar",
-                   "nan_policy", "input_workers")
+RUN_ONLY_FIELDS = (
+  "stages",
+  "seeds",
+  "data_dir",
+  "tfds_data_dir",
+  "download",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "log_every",
+  "progress_bar",
+  "nan_policy",
+  "input_workers",
+)
 
 
 class ConfigError(ValueError):
@@ -36,7 +46,8 @@ class ConfigError(ValueError):
     self.field, self.value, self.accepted = field, value, accepted
     why = f" {why}" if why else ""
     super().__init__(
-        f"config field '{field}' = {value!r} is not accepted.{why} Accepted: {accepted}.")
+      f"config field '{field}' = {value!r} is not accepted.{why} Accepted: {accepted}."
+    )
 
 
 def parse_seeds(value: Any) -> list[int]:
@@ -73,9 +84,11 @@ def parse_input_workers(value: Any, backend: str, cpu_count: int) -> int:
   except ValueError:
     workers = -1
   if workers < 0:
-    raise ConfigError("input_workers", value,
-                      '"auto" (0 on CPU or under 4 cores, else half the cores up to 8) or an '
-                      'integer >= 0')
+    raise ConfigError(
+      "input_workers",
+      value,
+      '"auto" (0 on CPU or under 4 cores, else half the cores up to 8) or an integer >= 0',
+    )
   return workers
 
 
@@ -86,8 +99,12 @@ def parse_stages(value: str) -> list[str]:
     return list(STAGES)
   unknown = [n for n in names if n not in STAGES]
   if not names or unknown:
-    raise ConfigError("stages", value, f'"all" or a comma list of {", ".join(STAGES)}',
-                      f"Unknown stage(s): {', '.join(unknown)}." if unknown else "")
+    raise ConfigError(
+      "stages",
+      value,
+      f'"all" or a comma list of {", ".join(STAGES)}',
+      f"Unknown stage(s): {', '.join(unknown)}." if unknown else "",
+    )
   return [s for s in STAGES if s in names]
 
 
@@ -119,8 +136,13 @@ def _float_in(config: Mapping, field: str, low: float, high: float, *, open_low=
     raise ConfigError(field, value, f"a number in {bracket}{low}, {high}]")
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int,
-             check_data: bool = True) -> None:
+def validate(
+  config: ml_collections.ConfigDict,
+  *,
+  device_count: int,
+  process_count: int,
+  check_data: bool = True,
+) -> None:
   """Checks every field the pipeline reads; raises ConfigError on the first bad one.
 
   `check_data` also checks that the dataset is prepared, in local archives or to be downloaded,
@@ -131,8 +153,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   _one_of(config, "dataset", datasets.DATASETS)
   names = module_names(config)
   if config.module and config.module not in names:
-    raise ConfigError("module", config.module, f'"" (the default, {names[-1]}) or one of '
-                      + ", ".join(names), f"The feature maps {config.backbone} returns.")
+    raise ConfigError(
+      "module",
+      config.module,
+      f'"" (the default, {names[-1]}) or one of ' + ", ".join(names),
+      f"The feature maps {config.backbone} returns.",
+    )
   parse_stages(config.stages)
   parse_seeds(config.seeds)
   parse_input_workers(config.input_workers, "cpu", 1)
@@ -151,12 +177,24 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   _float_in(config, "weight_decay", 0.0, math.inf)
   _float_in(config, "momentum", 0.0, 1.0)
   _float_in(config, "warmup_epochs", 0.0, math.inf)
-  for field, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                     ("train_examples_limit", 0), ("test_examples_limit", 0),
-                     ("log_every", 1), ("keep_checkpoints", 1), ("checkpoint_every_steps", 0),
-                     ("probe.epochs", 1), ("probe.train_examples_limit", 0),
-                     ("num_phases", 2), ("fmcs.subset_size", 2), ("fmce_net.width", 1),
-                     ("fmce_net.depth", 1), ("fmce_net.epochs", 1), ("fmce_net.batch_size", 1)):
+  for field, low in (
+    ("epochs", 1),
+    ("batch_size", 1),
+    ("eval_batch_size", 1),
+    ("train_examples_limit", 0),
+    ("test_examples_limit", 0),
+    ("log_every", 1),
+    ("keep_checkpoints", 1),
+    ("checkpoint_every_steps", 0),
+    ("probe.epochs", 1),
+    ("probe.train_examples_limit", 0),
+    ("num_phases", 2),
+    ("fmcs.subset_size", 2),
+    ("fmce_net.width", 1),
+    ("fmce_net.depth", 1),
+    ("fmce_net.epochs", 1),
+    ("fmce_net.batch_size", 1),
+  ):
     _int_at_least(config, field, low)
   _float_in(config, "cqi.beta", 0.0, 1.0)
   _int_at_least(config, "cqi.window", 1)
@@ -166,8 +204,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   for field in ("batch_size", "eval_batch_size", "fmce_net.batch_size"):
     value = _get(config, field)
     if value % device_count:
-      raise ConfigError(field, value, f"a multiple of the global device count ({device_count})",
-                        "The global batch is split evenly over every device.")
+      raise ConfigError(
+        field,
+        value,
+        f"a multiple of the global device count ({device_count})",
+        "The global batch is split evenly over every device.",
+      )
     if value % process_count:
       raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
   _check_sizes(config, datasets.DATASET_INFO[config.dataset].num_train)
@@ -186,8 +228,12 @@ def module_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   try:
     return models.feature_names(config.backbone, info.num_classes, info.image_shape)
   except ValueError as e:
-    raise ConfigError("backbone", config.backbone, " | ".join(models.BACKBONES)
-                      + " | package.module:factory (your own Flax module)", str(e)) from None
+    raise ConfigError(
+      "backbone",
+      config.backbone,
+      " | ".join(models.BACKBONES) + " | package.module:factory (your own Flax module)",
+      str(e),
+    ) from None
 
 
 def _check_sizes(config: ml_collections.ConfigDict, num_train: int) -> None:
@@ -196,14 +242,21 @@ def _check_sizes(config: ml_collections.ConfigDict, num_train: int) -> None:
   stages = parse_stages(config.stages)
   pool = min(config.probe.train_examples_limit or num_train, num_train)
   if "probe" in stages and config.batch_size > pool:
-    raise ConfigError("batch_size", config.batch_size, f"at most {pool}, the probe's training "
-                      "examples (probe.train_examples_limit, or the whole split)",
-                      "Each epoch needs one full global batch.")
+    raise ConfigError(
+      "batch_size",
+      config.batch_size,
+      f"at most {pool}, the probe's training "
+      "examples (probe.train_examples_limit, or the whole split)",
+      "Each epoch needs one full global batch.",
+    )
   used = min(config.train_examples_limit or num_train, num_train)
   if {"baseline", "fmcenetpp"} & set(stages) and config.batch_size > used:
-    raise ConfigError("batch_size", config.batch_size, f"at most {used}, the training examples "
-                      "(train_examples_limit, or the whole split)",
-                      "Each epoch needs one full global batch.")
+    raise ConfigError(
+      "batch_size",
+      config.batch_size,
+      f"at most {used}, the training examples (train_examples_limit, or the whole split)",
+      "Each epoch needs one full global batch.",
+    )
   if "fmce_net" in stages:
     _check_fmcs_sizes(config, pool)
 
@@ -221,24 +274,45 @@ def _check_fmcs_sizes(config: ml_collections.ConfigDict, pool: int) -> None:
   rows = k * _fmcs_train_images(n, fmcs.holdout_fraction)
   if rows >= batch:
     return
-  why = (f"The FMCE-Net trains on {k} phases x {max(rows // k, 0)} images = {rows} rows "
-         f"(fmcs.subset_size {fmcs.subset_size} of {pool} probe images, fmcs.holdout_fraction "
-         f"{fmcs.holdout_fraction} held out), fewer than one global fmce_net.batch_size of "
-         f"{batch}.")
+  why = (
+    f"The FMCE-Net trains on {k} phases x {max(rows // k, 0)} images = {rows} rows "
+    f"(fmcs.subset_size {fmcs.subset_size} of {pool} probe images, fmcs.holdout_fraction "
+    f"{fmcs.holdout_fraction} held out), fewer than one global fmce_net.batch_size of "
+    f"{batch}."
+  )
   needed = -(-batch // k)  # training images for one full batch
   if needed > pool - 1:
-    raise ConfigError("fmce_net.batch_size", batch,
-                      f"at most {k * (pool - 1)} (num_phases x the probe images but one)", why)
-  smallest = next((m for m in range(needed + 1, pool + 1)
-                   if _fmcs_train_images(m, fmcs.holdout_fraction) >= needed), None)
+    raise ConfigError(
+      "fmce_net.batch_size",
+      batch,
+      f"at most {k * (pool - 1)} (num_phases x the probe images but one)",
+      why,
+    )
+  smallest = next(
+    (
+      m
+      for m in range(needed + 1, pool + 1)
+      if _fmcs_train_images(m, fmcs.holdout_fraction) >= needed
+    ),
+    None,
+  )
   if needed <= n - 1 or smallest is None:
     m = n if needed <= n - 1 else pool
-    raise ConfigError("fmcs.holdout_fraction", fmcs.holdout_fraction,
-                      f"at most {(m - needed) / m:.4g}, leaving {needed} of {m} images for "
-                      "training", why)
-  raise ConfigError("fmcs.subset_size", fmcs.subset_size,
-                    f"at least {smallest} with fmcs.holdout_fraction {fmcs.holdout_fraction} "
-                    "(or a smaller fmce_net.batch_size)", why)
+    raise ConfigError(
+      "fmcs.holdout_fraction",
+      fmcs.holdout_fraction,
+      f"at most {(m - needed) / m:.4g}, leaving {needed} of {m} images for training",
+      why,
+    )
+  raise ConfigError(
+    "fmcs.subset_size",
+    fmcs.subset_size,
+    f"at least {smallest} with fmcs.holdout_fraction {fmcs.holdout_fraction} "
+    "(or a smaller fmce_net.batch_size)",
+    why,
+  )
+
+
 def _check_input_on_device(config: ml_collections.ConfigDict) -> None:
   """input_on_device=on needs every backbone run's training split to fit on the devices."""
   from fmcejax import datasets, device_input
@@ -247,9 +321,13 @@ def _check_input_on_device(config: ml_collections.ConfigDict) -> None:
   for field in ("train_examples_limit", "probe.train_examples_limit"):
     limit = _get(config, field)
     if config.input_on_device == "on" and not device_input.fits_on_device(info, limit):
-      raise ConfigError("input_on_device", "on", '"auto" or "off" for this dataset',
-                        f"{config.dataset} with {field}={limit} takes "
-                        f"{device_input.MAX_DEVICE_BYTES // 10**6} MB or more as uint8.")
+      raise ConfigError(
+        "input_on_device",
+        "on",
+        '"auto" or "off" for this dataset',
+        f"{config.dataset} with {field}={limit} takes "
+        f"{device_input.MAX_DEVICE_BYTES // 10**6} MB or more as uint8.",
+      )
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
@@ -257,7 +335,6 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   from fmcejax import datasets
 
   try:
-    datasets.check_available(config.dataset, config.data_dir, config.tfds_data_dir,
-                             config.download)
+    datasets.check_available(config.dataset, config.data_dir, config.tfds_data_dir, config.download)
   except datasets.DataError as e:
     raise ConfigError(e.field, e.value, e.accepted, e.why) from None

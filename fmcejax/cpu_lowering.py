@@ -28,8 +28,9 @@ SCOPES = ("conv", "batch_norm", "max_pool", "pooling_phases")
 
 _MAX_PATCH = 27  # kernel taps x input channels up to which `conv_general_dilated` multiplies
 # patches: the grey and RGB 3x3 stems
-_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                     out_spec=(0, 3, 1, 2))
+_NHWC = jax.lax.ConvDimensionNumbers(
+  lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Lowering:
   `nn.BatchNorm` (same fields and variables), `max_pool_2x2` for the 2x2/2 `nn.max_pool`; and
   `pooling_phases`, whether the cnn's conv-BatchNorm-ReLU-pool blocks may convolve the pooling
   phases (`pools_by_phases`)."""
+
   conv: ModuleDef
   norm: ModuleDef
   max_pool_2x2: Callable[[jax.Array], jax.Array]
@@ -48,43 +50,75 @@ class Lowering:
     `conv` multiplies patches (few input channels), on even sizes (odd ones would drop the last
     row and column from the batch statistics). Wider convs lose: their input gradient by phases
     costs more than the pooling saves."""
-    return (self.pooling_phases and math.prod(x.shape[3:]) * 9 <= _MAX_PATCH
-            and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0)
+    return (
+      self.pooling_phases
+      and math.prod(x.shape[3:]) * 9 <= _MAX_PATCH
+      and x.shape[1] % 2 == 0
+      and x.shape[2] % 2 == 0
+    )
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                         padding: str | Sequence[tuple[int, int]], *, lhs_dilation: Sequence[int],
-                         rhs_dilation: Sequence[int],
-                         dimension_numbers: jax.lax.ConvDimensionNumbers,
-                         feature_group_count: int, precision: Any) -> jax.Array:
+def conv_general_dilated(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  *,
+  lhs_dilation: Sequence[int],
+  rhs_dilation: Sequence[int],
+  dimension_numbers: jax.lax.ConvDimensionNumbers,
+  feature_group_count: int,
+  precision: Any,
+) -> jax.Array:
   """`jax.lax.conv_general_dilated` as `nn.Conv` calls it, a dense NHWC conv over few input
   channels (a grey or RGB stem) as one matmul over its windows: Eigen's conv is slow there.
 
   As a 2-D matmul: XLA:CPU runs the 4-D `dot_general` of the same product slower.
   """
-  if (feature_group_count == 1 and max(*lhs_dilation, *rhs_dilation) == 1
-      and dimension_numbers == _NHWC and math.prod(rhs.shape[:-1]) <= _MAX_PATCH
-      and not isinstance(padding, str)):
+  if (
+    feature_group_count == 1
+    and max(*lhs_dilation, *rhs_dilation) == 1
+    and dimension_numbers == _NHWC
+    and math.prod(rhs.shape[:-1]) <= _MAX_PATCH
+    and not isinstance(padding, str)
+  ):
     with jax.named_scope(f"{SCOPE}/conv"):
       patches = _patches(lhs, rhs.shape[:2], window_strides, padding)
-      out = jnp.matmul(patches.reshape(-1, patches.shape[-1]), rhs.reshape(-1, rhs.shape[-1]),
-                       precision=precision)
+      out = jnp.matmul(
+        patches.reshape(-1, patches.shape[-1]), rhs.reshape(-1, rhs.shape[-1]), precision=precision
+      )
       return out.reshape(*patches.shape[:-1], rhs.shape[-1])
   return jax.lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      precision=precision)
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    precision=precision,
+  )
 
 
-def _patches(x: jax.Array, window: Sequence[int], strides: Sequence[int],
-             padding: Sequence[tuple[int, int]]) -> jax.Array:
+def _patches(
+  x: jax.Array, window: Sequence[int], strides: Sequence[int], padding: Sequence[tuple[int, int]]
+) -> jax.Array:
   """[N, H, W, C] -> [N, H', W', kh * kw * C]: each output pixel's window, in HWIO kernel order."""
   x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out = [(size - k) // s + 1 for size, k, s in zip(x.shape[1:3], window, strides)]
-  return jnp.concatenate([
-      x[:, i:i + (out[0] - 1) * strides[0] + 1:strides[0],
-        j:j + (out[1] - 1) * strides[1] + 1:strides[1]]
-      for i in range(window[0]) for j in range(window[1])], axis=-1)
+  return jnp.concatenate(
+    [
+      x[
+        :,
+        i : i + (out[0] - 1) * strides[0] + 1 : strides[0],
+        j : j + (out[1] - 1) * strides[1] + 1 : strides[1],
+      ]
+      for i in range(window[0])
+      for j in range(window[1])
+    ],
+    axis=-1,
+  )
 
 
 class BatchNorm(nn.BatchNorm):
@@ -98,8 +132,7 @@ class BatchNorm(nn.BatchNorm):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     with jax.named_scope(f"{SCOPE}/batch_norm"):
       flat = x.reshape(-1, x.shape[-1])
-      frozen = nn.merge_param("use_running_average", self.use_running_average,
-                              use_running_average)
+      frozen = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
       if frozen:
         return super().__call__(flat, use_running_average).reshape(x.shape)
       if self.axis_name is not None or not (self.use_scale and self.use_bias):
@@ -130,15 +163,18 @@ def _column_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     group = max(d for d in range(1, 33) if rows % d == 0)
     group = rows if group == 1 else group
     sums = jax.lax.reduce(
-        tuple(s.reshape(rows // group, group, -1) for s in sums),
-        tuple(jnp.zeros((), s.dtype) for s in sums),
-        lambda p, q: (p[0] + q[0], p[1] + q[1]), (1,))
+      tuple(s.reshape(rows // group, group, -1) for s in sums),
+      tuple(jnp.zeros((), s.dtype) for s in sums),
+      lambda p, q: (p[0] + q[0], p[1] + q[1]),
+      (1,),
+    )
   return sums[0][0], sums[1][0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def normalize_batch(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                    epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def normalize_batch(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode BatchNorm of an [M, C] array, in float32: `(y, mean, biased variance)`.
 
   Flax's formula (variance as E[x^2] - E[x]^2), with the standard hand-derived gradient so that
@@ -164,8 +200,9 @@ def _normalize_batch_bwd(epsilon, residuals, grads):
   centred = x.astype(jnp.float32) - mean
   x_hat = centred * inv
   grad_bias, grad_scale = _column_sums(grad_y, grad_y * x_hat)
-  grad_x = ((scale * inv) * (grad_y - (grad_bias + x_hat * grad_scale) / len(x))
-            + (grad_mean + 2.0 * grad_var * centred) / len(x))
+  grad_x = (scale * inv) * (grad_y - (grad_bias + x_hat * grad_scale) / len(x)) + (
+    grad_mean + 2.0 * grad_var * centred
+  ) / len(x)
   return grad_x.astype(x.dtype), grad_scale, grad_bias
 
 
@@ -194,8 +231,9 @@ def pooling_phases(x: jax.Array) -> jax.Array:
   with jax.named_scope(f"{SCOPE}/pooling_phases"):
     _, h, w, c = x.shape
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return jnp.stack([x[:, a:a + h + 1, b:b + w + 1] for a in (0, 1) for b in (0, 1)],
-                     axis=1).reshape(-1, h + 1, w + 1, c)
+    return jnp.stack(
+      [x[:, a : a + h + 1, b : b + w + 1] for a in (0, 1) for b in (0, 1)], axis=1
+    ).reshape(-1, h + 1, w + 1, c)
 
 
 def max_over_phases(x: jax.Array) -> jax.Array:
@@ -205,8 +243,11 @@ def max_over_phases(x: jax.Array) -> jax.Array:
     return x.reshape(-1, 4, *x.shape[1:]).max(axis=1)
 
 
-CPU = Lowering(conv=functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated),
-               norm=BatchNorm, max_pool_2x2=max_pool_2x2)
+CPU = Lowering(
+  conv=functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated),
+  norm=BatchNorm,
+  max_pool_2x2=max_pool_2x2,
+)
 
 
 def for_platform(platform: str) -> Lowering | None:

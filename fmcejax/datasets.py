@@ -46,16 +46,21 @@ DEBIAN_FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 # against tfds's registered checksum) and the python version (checked against the MD5 in
 # PYTHON_ARCHIVE_MD5). In each searched root, looked for as <root>/<archive>, then as
 # <root>/<dataset>/<archive>, the binary before the python version.
-CIFAR_ARCHIVES = {"cifar10": ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"),
-                  "cifar100": ("cifar-100-binary.tar.gz", "cifar-100-python.tar.gz")}
+CIFAR_ARCHIVES = {
+  "cifar10": ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"),
+  "cifar100": ("cifar-100-binary.tar.gz", "cifar-100-python.tar.gz"),
+}
 # Published on https://www.cs.toronto.edu/~kriz/cifar.html; tfds registers only the binary ones.
-PYTHON_ARCHIVE_MD5 = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-                      "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"}
+PYTHON_ARCHIVE_MD5 = {
+  "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+  "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the model, the device-side normalisation and the step counts need about a dataset."""
+
   name: str
   tfds_name: str
   num_classes: int
@@ -70,24 +75,53 @@ class DatasetInfo:
 
 # Canonical values; `prepare` replaces the counts by those of the prepared data.
 DATASET_INFO = {
-    "mnist": DatasetInfo("mnist", "mnist", 10, (28, 28, 1), (0.1307,), (0.3081,),
-                         60000, 10000, False),
-    "fashion_mnist": DatasetInfo("fashion_mnist", "fashion_mnist", 10, (28, 28, 1),
-                                 (0.2860,), (0.3530,), 60000, 10000, False),
-    "cifar10": DatasetInfo("cifar10", "cifar10", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
-                           (0.2470, 0.2435, 0.2616), 50000, 10000, True),
-    "cifar10_jpeg": DatasetInfo(
-        "cifar10_jpeg", "cifar10_jpeg", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616), 50000, 10000, True,
-        "JPEG copy of CIFAR-10, not the official files"),
-    "cifar100": DatasetInfo("cifar100", "cifar100", 100, (32, 32, 3), (0.5071, 0.4865, 0.4409),
-                            (0.2673, 0.2564, 0.2762), 50000, 10000, True),
+  "mnist": DatasetInfo(
+    "mnist", "mnist", 10, (28, 28, 1), (0.1307,), (0.3081,), 60000, 10000, False
+  ),
+  "fashion_mnist": DatasetInfo(
+    "fashion_mnist", "fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,), 60000, 10000, False
+  ),
+  "cifar10": DatasetInfo(
+    "cifar10",
+    "cifar10",
+    10,
+    (32, 32, 3),
+    (0.4914, 0.4822, 0.4465),
+    (0.2470, 0.2435, 0.2616),
+    50000,
+    10000,
+    True,
+  ),
+  "cifar10_jpeg": DatasetInfo(
+    "cifar10_jpeg",
+    "cifar10_jpeg",
+    10,
+    (32, 32, 3),
+    (0.4914, 0.4822, 0.4465),
+    (0.2470, 0.2435, 0.2616),
+    50000,
+    10000,
+    True,
+    "JPEG copy of CIFAR-10, not the official files",
+  ),
+  "cifar100": DatasetInfo(
+    "cifar100",
+    "cifar100",
+    100,
+    (32, 32, 3),
+    (0.5071, 0.4865, 0.4409),
+    (0.2673, 0.2564, 0.2762),
+    50000,
+    10000,
+    True,
+  ),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Builders: tfds's, with the TensorFlow file reading replaced. `source` is the local archive (a
 # directory of IDX files, or a CIFAR tar.gz); None downloads.
+
 
 class _DownloadFailed(Exception):
   """Raised inside tfds's preparation; `prepare` turns it into the DataError naming every way."""
@@ -117,8 +151,12 @@ class _OfficialSource:
     target = pathlib.Path(dl_manager.download_dir) / self.name
     try:
       return pathlib.Path(dl_manager.download(url))
-    except (OSError, ValueError, tfds_download_manager.NonMatchingChecksumError,
-            tfds.download.DownloadError) as e:
+    except (
+      OSError,
+      ValueError,
+      tfds_download_manager.NonMatchingChecksumError,
+      tfds.download.DownloadError,
+    ) as e:
       for partial in target.glob("*.tmp.*"):  # tfds leaves a failed download's temporary dir
         shutil.rmtree(partial, ignore_errors=True)
       raise _DownloadFailed(url, target, e) from e
@@ -137,8 +175,10 @@ class _IdxFiles(_OfficialSource):
       paths = {name: self._download(dl_manager, parse.urljoin(self.URL, name)) for name in names}
     num_classes = self.info.features["label"].num_classes
     # Read (and so validate) everything before tfds writes anything.
-    arrays = {split: archives.read_idx_split(paths[images], paths[labels], num_classes)
-              for split, (images, labels) in IDX_FILES.items()}
+    arrays = {
+      split: archives.read_idx_split(paths[images], paths[labels], num_classes)
+      for split, (images, labels) in IDX_FILES.items()
+    }
     return {split: self._generate_examples(*arrays[split]) for split in IDX_FILES}
 
   def _generate_examples(self, images, labels):
@@ -169,8 +209,14 @@ class _CifarArchive(_OfficialSource):
 
   def _generate_examples(self, split, images, labels):
     for index, image in enumerate(images):
-      yield index, {"id": f"{split}_{index:05d}", "image": PIL.Image.fromarray(image),
-                    **{key: int(values[index]) for key, values in labels.items()}}
+      yield (
+        index,
+        {
+          "id": f"{split}_{index:05d}",
+          "image": PIL.Image.fromarray(image),
+          **{key: int(values[index]) for key, values in labels.items()},
+        },
+      )
 
 
 with registered.skip_registration():
@@ -201,15 +247,17 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="CIFAR-10 re-encoded as 32x32 JPEG (about quality 75); pixels differ "
-                    "slightly from the official binary.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(names=CIFAR10_CLASSES),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+      builder=self,
+      description="CIFAR-10 re-encoded as 32x32 JPEG (about quality 75); pixels differ "
+      "slightly from the official binary.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(names=CIFAR10_CLASSES),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
     )
 
   def _split_generators(self, dl_manager):
@@ -222,12 +270,18 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
       yield key, {"image": data, "label": label}
 
 
-_BUILDERS = {"mnist": _Mnist, "fashion_mnist": _FashionMnist, "cifar10": _Cifar10,
-             "cifar100": _Cifar100, "cifar10_jpeg": Cifar10Jpeg}
+_BUILDERS = {
+  "mnist": _Mnist,
+  "fashion_mnist": _FashionMnist,
+  "cifar10": _Cifar10,
+  "cifar100": _Cifar100,
+  "cifar10_jpeg": Cifar10Jpeg,
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # Finding and preparing data.
+
 
 def _check_name(dataset: str) -> None:
   if dataset not in DATASETS:
@@ -249,8 +303,12 @@ def _candidates(dataset: str, data_dir: str) -> list[pathlib.Path]:
   if dataset == "cifar10_jpeg":
     return [root / CIFAR10_JPEG_ARCHIVE for root in roots]
   if dataset in CIFAR_ARCHIVES:
-    return [place / name for root in roots for place in (root, root / dataset)
-            for name in CIFAR_ARCHIVES[dataset]]
+    return [
+      place / name
+      for root in roots
+      for place in (root, root / dataset)
+      for name in CIFAR_ARCHIVES[dataset]
+    ]
   places = [root / dataset for root in roots]
   return places + ([DEBIAN_FASHION_MNIST] if dataset == "fashion_mnist" and not data_dir else [])
 
@@ -285,48 +343,67 @@ def is_prepared(dataset: str, tfds_data_dir: str = "") -> bool:
 
 def _files_wanted(dataset: str) -> str:
   if dataset == "cifar10_jpeg":
-    return (f"{CIFAR10_JPEG_ARCHIVE} (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg) "
-            "in <data_dir>/")
+    return f"{CIFAR10_JPEG_ARCHIVE} (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg) in <data_dir>/"
   if dataset in CIFAR_ARCHIVES:
-    return (f"the official {' or '.join(CIFAR_ARCHIVES[dataset])} in <data_dir>/ or "
-            f"<data_dir>/{dataset}/")
-  return (f"the four official files {', '.join(sum(IDX_FILES.values(), ()))} "
-          f"in <data_dir>/{dataset}/")
+    return (
+      f"the official {' or '.join(CIFAR_ARCHIVES[dataset])} in <data_dir>/ or <data_dir>/{dataset}/"
+    )
+  return (
+    f"the four official files {', '.join(sum(IDX_FILES.values(), ()))} in <data_dir>/{dataset}/"
+  )
 
 
-def _missing(dataset: str, data_dir: str, tfds_data_dir: str, download: bool,
-             failed: _DownloadFailed | None = None) -> DataError:
+def _missing(
+  dataset: str,
+  data_dir: str,
+  tfds_data_dir: str,
+  download: bool,
+  failed: _DownloadFailed | None = None,
+) -> DataError:
   """The one error naming all three ways: prepared, local archives, download."""
   builder = _builder(dataset, tfds_data_dir)
   searched = ", ".join(str(p) for p in _candidates(dataset, data_dir))
   if failed is not None:
-    how = (f"Downloading {failed.url} into {failed.target} failed "
-           f"({type(failed.cause).__name__}: {failed.cause}); nothing of it was kept, so the same "
-           "command downloads it again.")
+    how = (
+      f"Downloading {failed.url} into {failed.target} failed "
+      f"({type(failed.cause).__name__}: {failed.cause}); nothing of it was kept, so the same "
+      "command downloads it again."
+    )
   elif dataset not in DOWNLOADABLE:
     how = "It cannot be downloaded (a JPEG copy made for this project)."
   else:
     how = "Downloads are off (download=False); with download=True tfds downloads it."
   if dataset == "cifar10":
     how += " Offline without the official archives, cifar10_jpeg (the JPEG copy) works."
-  debian = (" (or run `apt-get install dataset-fashion-mnist`, found at "
-            f"{DEBIAN_FASHION_MNIST})" if dataset == "fashion_mnist" else "")
-  accepted = (f"a data_dir with {_files_wanted(dataset)}{debian}; with data_dir empty, "
-              f"${DATA_DIR_ENV}, {', '.join(SEARCH_DIRS)} are searched")
+  debian = (
+    f" (or run `apt-get install dataset-fashion-mnist`, found at {DEBIAN_FASHION_MNIST})"
+    if dataset == "fashion_mnist"
+    else ""
+  )
+  accepted = (
+    f"a data_dir with {_files_wanted(dataset)}{debian}; with data_dir empty, "
+    f"${DATA_DIR_ENV}, {', '.join(SEARCH_DIRS)} are searched"
+  )
   if failed is not None:
-    accepted = (f"a connection to {parse.urlsplit(failed.url).netloc} (through HTTPS_PROXY / "
-                f"HTTP_PROXY if needed), then the same command again; or {accepted}")
+    accepted = (
+      f"a connection to {parse.urlsplit(failed.url).netloc} (through HTTPS_PROXY / "
+      f"HTTP_PROXY if needed), then the same command again; or {accepted}"
+    )
   elif dataset in DOWNLOADABLE:
     accepted += "; or download=True on a connected machine"
   return DataError(
-      "download" if failed else "data_dir", failed.url if failed else data_dir,
-      f"{dataset} is not prepared at {builder.data_dir} (or copy a directory prepared by `tfds "
-      f"build {builder.name} --file_format=array_record` there), no local files were found "
-      f"(searched: {searched}). {how}", accepted)
+    "download" if failed else "data_dir",
+    failed.url if failed else data_dir,
+    f"{dataset} is not prepared at {builder.data_dir} (or copy a directory prepared by `tfds "
+    f"build {builder.name} --file_format=array_record` there), no local files were found "
+    f"(searched: {searched}). {how}",
+    accepted,
+  )
 
 
-def check_available(dataset: str, data_dir: str = "", tfds_data_dir: str = "",
-                    download: bool = True) -> pathlib.Path | str | None:
+def check_available(
+  dataset: str, data_dir: str = "", tfds_data_dir: str = "", download: bool = True
+) -> pathlib.Path | str | None:
   """Where `prepare` will take `dataset` from, or DataError naming every way when none is open.
 
   Cheap (config validation runs it before anything compiles): it looks for files, never reads
@@ -344,8 +421,9 @@ def check_available(dataset: str, data_dir: str = "", tfds_data_dir: str = "",
   raise _missing(dataset, data_dir, tfds_data_dir, download)
 
 
-def prepare(dataset: str, data_dir: str = "", tfds_data_dir: str = "",
-            download: bool = True) -> DatasetInfo:
+def prepare(
+  dataset: str, data_dir: str = "", tfds_data_dir: str = "", download: bool = True
+) -> DatasetInfo:
   """Prepares `dataset` if needed (idempotent) and returns its info.
 
   Already prepared at `<tfds_data_dir>/<name>/<version>`: used as it is. Else the first local
@@ -363,16 +441,21 @@ def prepare(dataset: str, data_dir: str = "", tfds_data_dir: str = "",
   source = check_available(dataset, data_dir, tfds_data_dir, download)
   if source is not None:
     local = source if isinstance(source, pathlib.Path) else None  # else DOWNLOAD
-    builder = _BUILDERS[dataset](source=local, data_dir=tfds_data_dir or None,
-                                 file_format="array_record")
+    builder = _BUILDERS[dataset](
+      source=local, data_dir=tfds_data_dir or None, file_format="array_record"
+    )
     try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          force_checksums_validation=True))
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(force_checksums_validation=True)
+      )
     except _DownloadFailed as e:
       raise _missing(dataset, data_dir, tfds_data_dir, download, e) from e.cause
     except OSError:
       if not is_prepared(dataset, tfds_data_dir):  # else another process finished it first
         raise
   splits = _builder(dataset, tfds_data_dir).info.splits
-  return dataclasses.replace(DATASET_INFO[dataset], num_train=splits["train"].num_examples,
-                             num_test=splits["test"].num_examples)
+  return dataclasses.replace(
+    DATASET_INFO[dataset],
+    num_train=splits["train"].num_examples,
+    num_test=splits["test"].num_examples,
+  )

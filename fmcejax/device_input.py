@@ -38,8 +38,7 @@ _CROP_PAD = 4
 Batch = dict[str, jax.Array]
 
 
-def fits_on_device(info: datasets.DatasetInfo, limit: int = 0,
-                   split: str = "train") -> bool:
+def fits_on_device(info: datasets.DatasetInfo, limit: int = 0, split: str = "train") -> bool:
   """Whether the used examples of `split` take under `MAX_DEVICE_BYTES` as uint8."""
   n = input_pipeline.num_examples(info, split, limit)
   return n * math.prod(info.image_shape) < MAX_DEVICE_BYTES
@@ -53,16 +52,19 @@ def use_device_input(setting: str, info: datasets.DatasetInfo, limit: int) -> bo
     raise ValueError(f"input_on_device must be one of {', '.join(SETTINGS)}, got {setting!r}.")
   fits = fits_on_device(info, limit)
   if setting == "on" and not fits:
-    raise ValueError(f"{info.name}: the training split takes {MAX_DEVICE_BYTES // 10**6} MB or "
-                     "more as uint8; use input_on_device=auto or off for it.")
+    raise ValueError(
+      f"{info.name}: the training split takes {MAX_DEVICE_BYTES // 10**6} MB or "
+      "more as uint8; use input_on_device=auto or off for it."
+    )
   return setting == "on" or (setting == "auto" and fits)
 
 
 def _crop_flip(key: jax.Array, image: jax.Array) -> jax.Array:
   """`input_pipeline.random_crop_flip` of one [H, W, C] image: shift (dy, dx) in [-4, 4] into
   zeros, i.e. out[y, x] = image[y + dy, x + dx], then a horizontal flip with probability 1/2."""
-  dy, dx, flip = jax.random.randint(key, (3,), jnp.array([-_CROP_PAD, -_CROP_PAD, 0]),
-                                    jnp.array([_CROP_PAD + 1, _CROP_PAD + 1, 2]))
+  dy, dx, flip = jax.random.randint(
+    key, (3,), jnp.array([-_CROP_PAD, -_CROP_PAD, 0]), jnp.array([_CROP_PAD + 1, _CROP_PAD + 1, 2])
+  )
   h, w, c = image.shape
   padded = jnp.pad(image, ((_CROP_PAD, _CROP_PAD), (_CROP_PAD, _CROP_PAD), (0, 0)))
   out = jax.lax.dynamic_slice(padded, (_CROP_PAD + dy, _CROP_PAD + dx, 0), (h, w, c))
@@ -78,8 +80,10 @@ def _stream_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
 @functools.cache
 def _permutation_fn(mesh: Mesh, n: int, used: int):
   """epoch -> the first `used` entries of that epoch's permutation of range(n), replicated."""
+
   def permutation(seed, epoch):
     return jax.random.permutation(jax.random.fold_in(_stream_keys(seed)[0], epoch), n)[:used]
+
   return jax.jit(permutation, out_shardings=parallel.replicated(mesh))
 
 
@@ -103,14 +107,16 @@ def _select_fn(mesh: Mesh, global_batch: int, augment: bool) -> Callable[..., Ba
       image = jax.vmap(_crop_flip)(keys, image)
     return {"image": image, "label": label}
 
-  return jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P()),
-                       out_specs=P(parallel.DATA_AXIS))
+  return jax.shard_map(
+    shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P()), out_specs=P(parallel.DATA_AXIS)
+  )
 
 
 @functools.cache
 def _batch_fn(mesh: Mesh, global_batch: int, augment: bool):
-  return jax.jit(_select_fn(mesh, global_batch, augment),
-                 out_shardings=parallel.batch_sharding(mesh))
+  return jax.jit(
+    _select_fn(mesh, global_batch, augment), out_shardings=parallel.batch_sharding(mesh)
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -120,6 +126,7 @@ class DeviceBatches:
   `iterator(start)` is the trainer's interface (like `input_pipeline.make_iterator`): batches
   {"image": uint8 [B, H, W, C], "label": int32 [B]}, sharded over `mesh`, from batch `start`.
   """
+
   images: jax.Array
   labels: jax.Array
   global_batch: int
@@ -151,10 +158,13 @@ class DeviceBatches:
         order, current = self.permutation(epoch), epoch
       yield fn(self.images, self.labels, order, seed, np.int32(step))
 
-
-  def scan_steps(self, train_step: Callable[..., tuple[Any, Any]], k: int, rng: jax.Array,
-                 compiler_options: dict[str, str] | None = None
-                 ) -> Callable[[Any, int, Any], tuple[Any, Any]]:
+  def scan_steps(
+    self,
+    train_step: Callable[..., tuple[Any, Any]],
+    k: int,
+    rng: jax.Array,
+    compiler_options: dict[str, str] | None = None,
+  ) -> Callable[[Any, int, Any], tuple[Any, Any]]:
     """`k` train steps in one dispatch, for a loop whose per-step host cost is the ceiling.
 
     Returns `run(state, step, head_variables) -> (state, metrics stacked over k)`: steps
@@ -171,10 +181,12 @@ class DeviceBatches:
       def body(state, i):
         batch = select(images, labels, order, seed, step + i)
         return train_step(state, batch, rng, head_variables)
+
       return jax.lax.scan(body, state, jnp.arange(k))
 
-    jitted = jax.jit(steps_from, out_shardings=(repl, repl), donate_argnums=0,
-                     compiler_options=compiler_options)
+    jitted = jax.jit(
+      steps_from, out_shardings=(repl, repl), donate_argnums=0, compiler_options=compiler_options
+    )
     orders: dict[int, jax.Array] = {}
 
     def run(state, step: int, head_variables=None):
@@ -184,15 +196,31 @@ class DeviceBatches:
       if epoch not in orders:
         orders.clear()
         orders[epoch] = self.permutation(epoch)
-      return jitted(state, self.images, self.labels, orders[epoch], np.int32(self.seed),
-                    np.int32(step), head_variables)
+      return jitted(
+        state,
+        self.images,
+        self.labels,
+        orders[epoch],
+        np.int32(self.seed),
+        np.int32(step),
+        head_variables,
+      )
+
     return run
 
 
-def train_batches(data: datasets.DatasetInfo | Mapping[str, np.ndarray], *,
-                  global_batch: int, epochs: int, seed: int, mesh: Mesh, limit: int = 0,
-                  augment: bool | None = None, split: str = "train",
-                  tfds_data_dir: str = "") -> DeviceBatches:
+def train_batches(
+  data: datasets.DatasetInfo | Mapping[str, np.ndarray],
+  *,
+  global_batch: int,
+  epochs: int,
+  seed: int,
+  mesh: Mesh,
+  limit: int = 0,
+  augment: bool | None = None,
+  split: str = "train",
+  tfds_data_dir: str = "",
+) -> DeviceBatches:
   """The split of `data` (a prepared dataset's info, or {"image", "label"} arrays) on `mesh`.
 
   `limit` > 0 keeps the first `limit` examples; `augment` None follows the dataset's default
@@ -207,14 +235,23 @@ def train_batches(data: datasets.DatasetInfo | Mapping[str, np.ndarray], *,
     if limit > 0:
       image, label = image[:limit], label[:limit]
   if image.dtype != np.uint8 or image.ndim != 4 or len(image) != len(label):
-    raise ValueError(f"expected uint8 images [N, H, W, C] and N labels, got {image.dtype} "
-                     f"{image.shape} and {label.shape}.")
+    raise ValueError(
+      f"expected uint8 images [N, H, W, C] and N labels, got {image.dtype} "
+      f"{image.shape} and {label.shape}."
+    )
   if epochs < 1:
     raise ValueError(f"epochs must be >= 1, got {epochs}.")
   if global_batch % mesh.size:
     raise ValueError(f"global batch {global_batch} is not a multiple of the {mesh.size} devices.")
   spe = input_pipeline.steps_per_epoch(len(label), global_batch)
   on_device = parallel.replicate({"image": image, "label": label.astype(np.int32)}, mesh)
-  return DeviceBatches(images=on_device["image"], labels=on_device["label"],
-                       global_batch=global_batch, steps_per_epoch=spe, epochs=epochs, seed=seed,
-                       augment=bool(augment), mesh=mesh)
+  return DeviceBatches(
+    images=on_device["image"],
+    labels=on_device["label"],
+    global_batch=global_batch,
+    steps_per_epoch=spe,
+    epochs=epochs,
+    seed=seed,
+    augment=bool(augment),
+    mesh=mesh,
+  )

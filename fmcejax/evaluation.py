@@ -25,12 +25,23 @@ def jit(fn: BatchFn, mesh: Mesh) -> BatchFn:
   """`fn(variables, global_batch)` jitted for `over_dataset`: variables replicated, batch sharded,
   output replicated."""
   repl = parallel.replicated(mesh)
-  return jax.jit(fn, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl,
-                 compiler_options=parallel.compiler_options(mesh))
+  return jax.jit(
+    fn,
+    in_shardings=(repl, parallel.batch_sharding(mesh)),
+    out_shardings=repl,
+    compiler_options=parallel.compiler_options(mesh),
+  )
 
 
-def over_dataset(fn: BatchFn, variables: Any, ds: grain.MapDataset, mesh: Mesh, *,
-                 global_batch: int, concat: bool = False) -> Any:
+def over_dataset(
+  fn: BatchFn,
+  variables: Any,
+  ds: grain.MapDataset,
+  mesh: Mesh,
+  *,
+  global_batch: int,
+  concat: bool = False,
+) -> Any:
   """`fn` (from `jit`) over every example of `ds` once, as numpy.
 
   Without `concat` the outputs of all batches are summed (use the mask for padding rows); with it
@@ -38,18 +49,19 @@ def over_dataset(fn: BatchFn, variables: Any, ds: grain.MapDataset, mesh: Mesh, 
   """
   count = jax.process_count()
   total, outputs = None, []
-  for local in input_pipeline.padded_batches(ds, global_batch=global_batch,
-                                             process_index=jax.process_index(),
-                                             process_count=count):
+  for local in input_pipeline.padded_batches(
+    ds, global_batch=global_batch, process_index=jax.process_index(), process_count=count
+  ):
     out = fn(variables, parallel.global_batch(local, mesh))
     if concat:
-      outputs.append(jax.tree.map(lambda x: _dataset_order(np.asarray(x), count),
-                                  jax.device_get(out)))
+      outputs.append(
+        jax.tree.map(lambda x: _dataset_order(np.asarray(x), count), jax.device_get(out))
+      )
     else:
       total = out if total is None else jax.tree.map(jnp.add, total, out)
   if not concat:
     return jax.device_get(total)
-  return jax.tree.map(lambda *xs: np.concatenate(xs)[:len(ds)], *outputs)
+  return jax.tree.map(lambda *xs: np.concatenate(xs)[: len(ds)], *outputs)
 
 
 def _dataset_order(x: np.ndarray, process_count: int) -> np.ndarray:

@@ -26,21 +26,35 @@ _STORAGE = {"bfloat16": (ml_dtypes.bfloat16, np.uint16), "float32": (np.float32,
 LABELS = ("phase", "shuffled")  # "shuffled": the phase labels permuted over the train rows
 
 
-def extract(apply_fn: Callable[..., Any], variables: Any, images: np.ndarray, *, module: str,
-            preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
-            batch_size: int) -> np.ndarray:
+def extract(
+  apply_fn: Callable[..., Any],
+  variables: Any,
+  images: np.ndarray,
+  *,
+  module: str,
+  preprocess: Callable[[jax.Array], jax.Array],
+  mesh: Mesh,
+  batch_size: int,
+) -> np.ndarray:
   """Feature maps of `module` for `images` (identical on every host), by a jitted forward pass
   sharded over the mesh; every host returns the full array."""
-  fn = evaluation.jit(lambda v, batch: apply_fn(v, preprocess(batch["image"]), train=False)[1][
-      module], mesh)
+  fn = evaluation.jit(
+    lambda v, batch: apply_fn(v, preprocess(batch["image"]), train=False)[1][module], mesh
+  )
   source = input_pipeline.ArraySource(image=images, label=np.zeros(len(images), np.int32))
-  return evaluation.over_dataset(fn, parallel.replicate(variables, mesh),
-                                 grain.MapDataset.source(source), mesh, global_batch=batch_size,
-                                 concat=True)
+  return evaluation.over_dataset(
+    fn,
+    parallel.replicate(variables, mesh),
+    grain.MapDataset.source(source),
+    mesh,
+    global_batch=batch_size,
+    concat=True,
+  )
 
 
-def _write_phase(directory: epath.Path, phase: int, features: np.ndarray,
-                 storage_dtype: str) -> None:
+def _write_phase(
+  directory: epath.Path, phase: int, features: np.ndarray, storage_dtype: str
+) -> None:
   dtype, bits = _STORAGE[storage_dtype]
   with workdir.open_atomic(directory / f"phase_{phase}.npy") as f:
     np.save(f, features.astype(dtype).view(bits))
@@ -53,34 +67,66 @@ def split_images(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray
   return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
-def build(directory: epath.Path, *, markers: Sequence[int], restore: Callable[[int], Any],
-          apply_fn: Callable[..., Any], images: np.ndarray, image_indices: np.ndarray,
-          module: str, preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
-          batch_size: int, storage_dtype: str, holdout_fraction: float,
-          seed: int) -> dict[str, Any]:
+def build(
+  directory: epath.Path,
+  *,
+  markers: Sequence[int],
+  restore: Callable[[int], Any],
+  apply_fn: Callable[..., Any],
+  images: np.ndarray,
+  image_indices: np.ndarray,
+  module: str,
+  preprocess: Callable[[jax.Array], jax.Array],
+  mesh: Mesh,
+  batch_size: int,
+  storage_dtype: str,
+  holdout_fraction: float,
+  seed: int,
+) -> dict[str, Any]:
   """Extracts every missing phase (`restore(epoch)` gives a marker's variables), then writes the
   index; returns the stage's metrics."""
   start = time.perf_counter()
   for phase, epoch in enumerate(markers):
     if parallel.agree((directory / f"phase_{phase}.npy").exists()):  # all skip it, or none
       continue
-    features = extract(apply_fn, restore(epoch), images, module=module, preprocess=preprocess,
-                       mesh=mesh, batch_size=batch_size)
-    parallel.primary_writes(f"fmcs_data:{phase}",
-                            lambda: _write_phase(directory, phase, features, storage_dtype))
+    features = extract(
+      apply_fn,
+      restore(epoch),
+      images,
+      module=module,
+      preprocess=preprocess,
+      mesh=mesh,
+      batch_size=batch_size,
+    )
+    parallel.primary_writes(
+      f"fmcs_data:{phase}", lambda: _write_phase(directory, phase, features, storage_dtype)
+    )
   n = len(images)
   train_images, holdout_images = split_images(n, holdout_fraction, seed)
-  meta = {"num_phases": len(markers), "markers": list(markers), "module": module,
-          "storage_dtype": storage_dtype, "num_images": n, "seed": seed,
-          "image_indices": np.asarray(image_indices).tolist(),
-          "train_images": train_images.tolist(), "holdout_images": holdout_images.tolist()}
-  parallel.primary_writes("fmcs_data:index",
-                          lambda: workdir.write_json(directory / "index.json", meta))
+  meta = {
+    "num_phases": len(markers),
+    "markers": list(markers),
+    "module": module,
+    "storage_dtype": storage_dtype,
+    "num_images": n,
+    "seed": seed,
+    "image_indices": np.asarray(image_indices).tolist(),
+    "train_images": train_images.tolist(),
+    "holdout_images": holdout_images.tolist(),
+  }
+  parallel.primary_writes(
+    "fmcs_data:index", lambda: workdir.write_json(directory / "index.json", meta)
+  )
   source = Source(directory, "train")
-  return {"feature_shape": list(source.feature_shape), "module": module,
-          "markers": list(markers), "num_images": n, "train_rows": len(source),
-          "holdout_rows": len(Source(directory, "holdout")),
-          "seconds": time.perf_counter() - start}
+  return {
+    "feature_shape": list(source.feature_shape),
+    "module": module,
+    "markers": list(markers),
+    "num_images": n,
+    "train_rows": len(source),
+    "holdout_rows": len(Source(directory, "holdout")),
+    "seconds": time.perf_counter() - start,
+  }
 
 
 def _load(p: epath.Path) -> np.ndarray:
@@ -101,8 +147,7 @@ class Source:
     meta = workdir.read_json(directory / "index.json")
     dtype, _ = _STORAGE[meta["storage_dtype"]]
     self.num_phases = meta["num_phases"]
-    self._phases = [_load(directory / f"phase_{k}.npy").view(dtype)
-                    for k in range(self.num_phases)]
+    self._phases = [_load(directory / f"phase_{k}.npy").view(dtype) for k in range(self.num_phases)]
     self._images = np.asarray(meta[f"{split}_images"], np.int64)
     self._labels = np.repeat(np.arange(self.num_phases, dtype=np.int32), len(self._images))
     if labels == "shuffled":
@@ -114,8 +159,7 @@ class Source:
 
   def __getitem__(self, row: int) -> dict[str, np.ndarray]:
     phase, i = divmod(int(row), len(self._images))
-    return {"image": np.asarray(self._phases[phase][self._images[i]]),
-            "label": self._labels[row]}
+    return {"image": np.asarray(self._phases[phase][self._images[i]]), "label": self._labels[row]}
 
 
 def _balanced_shuffle(num_phases: int, num_images: int, seed: int) -> np.ndarray:

@@ -34,16 +34,18 @@ def num_examples(info: DatasetInfo, split: str = "train", limit: int = 0) -> int
   return min(limit, total) if limit > 0 else total
 
 
-def steps_per_epoch(info_or_num: DatasetInfo | int, global_batch: int, limit: int = 0,
-                    split: str = "train") -> int:
+def steps_per_epoch(
+  info_or_num: DatasetInfo | int, global_batch: int, limit: int = 0, split: str = "train"
+) -> int:
   """Full global batches per epoch (the remainder of each epoch is dropped, never straddled)."""
   n = info_or_num if isinstance(info_or_num, int) else num_examples(info_or_num, split)
   if limit > 0:
     n = min(n, limit)
   steps = n // global_batch
   if steps == 0:
-    raise ValueError(f"global batch {global_batch} is larger than the {n} examples used: "
-                     "no full batch per epoch.")
+    raise ValueError(
+      f"global batch {global_batch} is larger than the {n} examples used: no full batch per epoch."
+    )
   return steps
 
 
@@ -51,16 +53,23 @@ def _local_batch(global_batch: int, process_index: int, process_count: int) -> i
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
   if global_batch <= 0 or global_batch % process_count:
-    raise ValueError(f"global batch {global_batch} is not a positive multiple of the "
-                     f"process count {process_count}.")
+    raise ValueError(
+      f"global batch {global_batch} is not a positive multiple of the "
+      f"process count {process_count}."
+    )
   return global_batch // process_count
 
 
 def _stack(info: DatasetInfo, examples: list[dict]) -> dict[str, np.ndarray]:
   """Decoded tfds examples as {"image": uint8 [N, H, W, C], "label": int32 [N]}."""
-  return {"image": (np.stack([e["image"] for e in examples]) if examples
-                    else np.zeros((0, *info.image_shape), np.uint8)),
-          "label": np.array([e["label"] for e in examples], np.int32)}
+  return {
+    "image": (
+      np.stack([e["image"] for e in examples])
+      if examples
+      else np.zeros((0, *info.image_shape), np.uint8)
+    ),
+    "label": np.array([e["label"] for e in examples], np.int32),
+  }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,6 +77,7 @@ class ArraySource:
   """Examples held as two arrays, indexable like a tuple of elements. Grain pickles a source into
   each worker process, and one buffer pickles in half the start-up time of 50,000 small dicts
   (2 workers: 1.6 vs 3.3 s to the first CIFAR-sized batch)."""
+
   image: np.ndarray
   label: np.ndarray
 
@@ -80,12 +90,17 @@ class ArraySource:
 
 def _source(info: DatasetInfo, split: str, tfds_data_dir: str):
   """The prepared split as a tfds data source (array_record, decoded with PIL, no TensorFlow)."""
-  source = tfds.data_source(info.tfds_name, split=split, data_dir=tfds_data_dir or None,
-                            download=False)
+  source = tfds.data_source(
+    info.tfds_name, split=split, data_dir=tfds_data_dir or None, download=False
+  )
   if len(source) != num_examples(info, split):
-    raise DataError("data_dir", tfds_data_dir, f"{info.tfds_name}/{split} holds {len(source)} "
-                    f"examples but the DatasetInfo says {num_examples(info, split)}; call "
-                    "prepare() again.")
+    raise DataError(
+      "data_dir",
+      tfds_data_dir,
+      f"{info.tfds_name}/{split} holds {len(source)} "
+      f"examples but the DatasetInfo says {num_examples(info, split)}; call "
+      "prepare() again.",
+    )
   return source
 
 
@@ -99,8 +114,9 @@ def _decoded(info: DatasetInfo, split: str, n: int, tfds_data_dir: str) -> Array
   return ArraySource(**_stack(info, _source(info, split, tfds_data_dir).__getitems__(range(n))))
 
 
-def split_arrays(info: DatasetInfo, split: str = "train", limit: int = 0,
-                 tfds_data_dir: str = "") -> ArraySource:
+def split_arrays(
+  info: DatasetInfo, split: str = "train", limit: int = 0, tfds_data_dir: str = ""
+) -> ArraySource:
   """The first `limit` (all if 0) examples of a prepared split as two arrays (uint8 images, int
   labels), decoded once per process: what `device_input` places on the devices."""
   return _decoded(info, split, num_examples(info, split, limit), tfds_data_dir)
@@ -120,26 +136,48 @@ def random_crop_flip(element: dict, rng: np.random.Generator) -> dict:
   h, w, _ = image.shape
   dy, dx, flip = rng.integers((-_CROP_PAD, -_CROP_PAD, 0), (_CROP_PAD + 1, _CROP_PAD + 1, 2))
   out = np.zeros_like(image)
-  out[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = (
-      image[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)])
+  out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = image[
+    max(0, dy) : h + min(0, dy), max(0, dx) : w + min(0, dx)
+  ]
   return {"image": out[:, ::-1].copy() if flip else out, "label": element["label"]}
 
 
-def train_dataset(info: DatasetInfo, *, split: str = "train", global_batch: int, epochs: int,
-                  seed: int, limit: int = 0, augment: bool | None = None,
-                  process_index: int = 0, process_count: int = 1,
-                  tfds_data_dir: str = "") -> grain.MapDataset:
+def train_dataset(
+  info: DatasetInfo,
+  *,
+  split: str = "train",
+  global_batch: int,
+  epochs: int,
+  seed: int,
+  limit: int = 0,
+  augment: bool | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  tfds_data_dir: str = "",
+) -> grain.MapDataset:
   """Host-local training batches of a tfds split, exactly `epochs * steps_per_epoch`."""
   augment = info.augment if augment is None else augment
-  return epoch_batches(examples(info, split, limit, tfds_data_dir), global_batch=global_batch,
-                       epochs=epochs, seed=seed,
-                       augment=random_crop_flip if augment else None,
-                       process_index=process_index, process_count=process_count)
+  return epoch_batches(
+    examples(info, split, limit, tfds_data_dir),
+    global_batch=global_batch,
+    epochs=epochs,
+    seed=seed,
+    augment=random_crop_flip if augment else None,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def epoch_batches(ds: grain.MapDataset, *, global_batch: int, epochs: int, seed: int,
-                  augment: Callable[[dict, np.random.Generator], dict] | None = None,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def epoch_batches(
+  ds: grain.MapDataset,
+  *,
+  global_batch: int,
+  epochs: int,
+  seed: int,
+  augment: Callable[[dict, np.random.Generator], dict] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """Host-local batches of any random-access dataset, exactly `epochs * steps_per_epoch`.
 
   Each epoch is a fresh permutation of which the first `steps_per_epoch * global_batch`
@@ -164,8 +202,9 @@ def _with_mask(element: dict) -> dict:
   return {**element, "mask": np.float32(1)}
 
 
-def padded_batches(ds: grain.MapDataset, *, global_batch: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict]:
+def padded_batches(
+  ds: grain.MapDataset, *, global_batch: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict]:
   """Every example of `ds` exactly once across hosts, in order, no augmentation; padding rows
   (mask 0, zero image/label) fill the last global batch so every host yields the same number,
   ceil(N / global_batch), of full local batches."""
@@ -178,8 +217,9 @@ def padded_batches(ds: grain.MapDataset, *, global_batch: int, process_index: in
   return make_iterator(ds[process_index::process_count].batch(local, drop_remainder=True))
 
 
-def load_arrays(info: DatasetInfo, *, split: str = "train", indices: np.ndarray,
-                tfds_data_dir: str = "") -> dict:
+def load_arrays(
+  info: DatasetInfo, *, split: str = "train", indices: np.ndarray, tfds_data_dir: str = ""
+) -> dict:
   """The examples at `indices` (e.g. a fixed probe subset), unaugmented, stacked."""
   source = _source(info, split, tfds_data_dir)
   indices = np.asarray(indices, np.int64)
@@ -199,6 +239,7 @@ def subset_indices(num: int, size: int, seed: int) -> np.ndarray:
 class HostBatches:
   """Training batches made on the host by grain (`epoch_batches`), as global arrays on `mesh`:
   the loader of datasets that do not fit on the devices. `workers` as in `make_iterator`."""
+
   ds: grain.MapDataset
   mesh: Mesh
   workers: int = 0
@@ -215,8 +256,9 @@ class HostBatches:
       host.close()
 
 
-def make_iterator(ds: grain.MapDataset, *, start: int = 0, workers: int = 0,
-                  prefetch: int = 4) -> grain.DatasetIterator:
+def make_iterator(
+  ds: grain.MapDataset, *, start: int = 0, workers: int = 0, prefetch: int = 4
+) -> grain.DatasetIterator:
   """An iterator over `ds[start:]`: batch `start` first, then the rest in order, prefetched.
 
   Resuming at a batch index needs no loader state of its own: `ds[k]` is a pure function of k
@@ -228,8 +270,9 @@ def make_iterator(ds: grain.MapDataset, *, start: int = 0, workers: int = 0,
   """
   if not 0 <= start <= len(ds):
     raise ValueError(f"start must lie in [0, {len(ds)}], got {start}.")
-  iter_ds = ds[start:].to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                         prefetch_buffer_size=prefetch))
+  iter_ds = ds[start:].to_iter_dataset(
+    grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
+  )
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: notebooks, tests, bench
       flags.FLAGS.mark_as_parsed()

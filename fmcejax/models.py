@@ -33,10 +33,10 @@ Lowering = cpu_lowering.Lowering
 
 BACKBONES = ("cnn", "resnet18", "resnet50", "shufflenet_v2")
 STAGES: dict[str, tuple[str, ...]] = {
-    "cnn": ("conv1", "conv2", "conv3"),
-    "resnet18": ("stem", "stage1", "stage2", "stage3", "stage4"),
-    "resnet50": ("stem", "stage1", "stage2", "stage3", "stage4"),
-    "shufflenet_v2": ("stem", "stage2", "stage3", "stage4", "conv5"),
+  "cnn": ("conv1", "conv2", "conv3"),
+  "resnet18": ("stem", "stage1", "stage2", "stage3", "stage4"),
+  "resnet50": ("stem", "stage1", "stage2", "stage3", "stage4"),
+  "shufflenet_v2": ("stem", "stage2", "stage3", "stage4", "conv5"),
 }
 DEFAULT_MODULE: dict[str, str] = {name: stages[-1] for name, stages in STAGES.items()}
 
@@ -45,8 +45,9 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _PAD1 = ((1, 1), (1, 1))
 
 
-def _conv_and_norm(dtype: Dtype, train: bool,
-                   lowering: Lowering | None) -> tuple[ModuleDef, ModuleDef]:
+def _conv_and_norm(
+  dtype: Dtype, train: bool, lowering: Lowering | None
+) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free He-initialised conv and BatchNorm, computing in `dtype` with float32 params: Flax's
   `nn.Conv` and `nn.BatchNorm`, or `lowering`'s (same variables, same values).
 
@@ -54,10 +55,17 @@ def _conv_and_norm(dtype: Dtype, train: bool,
   already global.
   """
   conv, norm = (nn.Conv, nn.BatchNorm) if lowering is None else (lowering.conv, lowering.norm)
-  conv = functools.partial(conv, use_bias=False, kernel_init=_CONV_INIT, dtype=dtype,
-                           param_dtype=jnp.float32)
-  norm = functools.partial(norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                           dtype=dtype, param_dtype=jnp.float32)
+  conv = functools.partial(
+    conv, use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, param_dtype=jnp.float32
+  )
+  norm = functools.partial(
+    norm,
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+  )
   return conv, norm
 
 
@@ -83,6 +91,7 @@ def max_pool_2x2(x: jax.Array, lowering: Lowering | None = None) -> jax.Array:
 class SimpleCNN(nn.Module):
   """Three conv-BN-ReLU blocks, 2x2 max-pool after the first two (~24k params): ~98.6% on MNIST
   in 3 epochs."""
+
   num_classes: int
   dtype: Dtype = jnp.float32
   widths: tuple[int, int, int] = (16, 32, 64)
@@ -97,7 +106,8 @@ class SimpleCNN(nn.Module):
       if pool and self.lowering is not None and self.lowering.pools_by_phases(x):
         # The same block, its conv evaluated at each 2x2 pooling phase (`cpu_lowering`).
         x = conv(width, (3, 3), 2, padding=((0, 0), (0, 0)), name=f"conv{i + 1}")(
-            cpu_lowering.pooling_phases(x))
+          cpu_lowering.pooling_phases(x)
+        )
         x = cpu_lowering.max_over_phases(nn.relu(norm(name=f"bn{i + 1}")(x)))
       else:
         x = conv(width, (3, 3), padding=_PAD1, name=f"conv{i + 1}")(x)
@@ -110,6 +120,7 @@ class SimpleCNN(nn.Module):
 
 class BasicBlock(nn.Module):
   """ResNet-18/34 block: two 3x3 convs, identity or 1x1-projection shortcut."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -129,6 +140,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """ResNet-50 block: 1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -162,6 +174,7 @@ def _shortcut(block: BasicBlock | Bottleneck, x: jax.Array) -> jax.Array:
 
 class ResNet(nn.Module):
   """CIFAR ResNet (kuangliu layout): 3x3 stride-1 stem, no max-pool, so 32x32 ends at 4x4."""
+
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_classes: int
@@ -178,8 +191,13 @@ class ResNet(nn.Module):
     for i, (num_blocks, filters) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
       for j in range(num_blocks):
         x = self.block_cls(
-            filters, conv=conv, norm=norm, strides=2 if i > 0 and j == 0 else 1,
-            zero_init_residual=self.zero_init_residual, name=f"stage{i + 1}_block{j}")(x)
+          filters,
+          conv=conv,
+          norm=norm,
+          strides=2 if i > 0 and j == 0 else 1,
+          zero_init_residual=self.zero_init_residual,
+          name=f"stage{i + 1}_block{j}",
+        )(x)
       features[f"stage{i + 1}"] = x
     return _classifier(x, self.num_classes, self.dtype), features
 
@@ -198,6 +216,7 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
 class InvertedResidual(nn.Module):
   """ShuffleNetV2 unit. Stride 1 splits the channels in half and transforms only the second half;
   stride 2 feeds the whole input to both branches, doubling the width. Then a 2-group shuffle."""
+
   features: int
   strides: int
   conv: ModuleDef
@@ -211,15 +230,27 @@ class InvertedResidual(nn.Module):
     else:
       x1 = x2 = x
       in_features = x.shape[-1]
-      x1 = self.conv(in_features, (3, 3), self.strides, padding=_PAD1,
-                     feature_group_count=in_features, name="branch1_dw")(x1)
+      x1 = self.conv(
+        in_features,
+        (3, 3),
+        self.strides,
+        padding=_PAD1,
+        feature_group_count=in_features,
+        name="branch1_dw",
+      )(x1)
       x1 = self.norm(name="branch1_dw_bn")(x1)
       x1 = self.conv(branch_features, (1, 1), name="branch1_pw")(x1)
       x1 = nn.relu(self.norm(name="branch1_pw_bn")(x1))
     x2 = self.conv(branch_features, (1, 1), name="branch2_pw1")(x2)
     x2 = nn.relu(self.norm(name="branch2_pw1_bn")(x2))
-    x2 = self.conv(branch_features, (3, 3), self.strides, padding=_PAD1,
-                   feature_group_count=branch_features, name="branch2_dw")(x2)
+    x2 = self.conv(
+      branch_features,
+      (3, 3),
+      self.strides,
+      padding=_PAD1,
+      feature_group_count=branch_features,
+      name="branch2_dw",
+    )(x2)
     x2 = self.norm(name="branch2_dw_bn")(x2)
     x2 = self.conv(branch_features, (1, 1), name="branch2_pw2")(x2)
     x2 = nn.relu(self.norm(name="branch2_pw2_bn")(x2))
@@ -229,6 +260,7 @@ class InvertedResidual(nn.Module):
 class ShuffleNetV2(nn.Module):
   """torchvision shufflenet_v2_x1_0. `small_input` (CIFAR/MNIST) keeps full resolution in the stem
   (stride-1 conv, no max-pool) with the same parameters; False is torchvision's ImageNet stem."""
+
   num_classes: int
   stages_repeats: Sequence[int] = (4, 8, 4)
   stages_out_channels: Sequence[int] = (24, 116, 232, 464, 1024)
@@ -247,8 +279,9 @@ class ShuffleNetV2(nn.Module):
     features = {"stem": x}
     for i, (repeats, width) in enumerate(zip(self.stages_repeats, self.stages_out_channels[1:-1])):
       for j in range(repeats):
-        x = InvertedResidual(width, 2 if j == 0 else 1, conv=conv, norm=norm,
-                             name=f"stage{i + 2}_unit{j}")(x)
+        x = InvertedResidual(
+          width, 2 if j == 0 else 1, conv=conv, norm=norm, name=f"stage{i + 2}_unit{j}"
+        )(x)
       features[f"stage{i + 2}"] = x
     x = conv(self.stages_out_channels[-1], (1, 1), name="conv5")(x)
     x = nn.relu(norm(name="conv5_bn")(x))
@@ -257,18 +290,21 @@ class ShuffleNetV2(nn.Module):
 
 
 _CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
-    "cnn": SimpleCNN,
-    "resnet18": ResNet18,
-    "resnet50": ResNet50,
-    "shufflenet_v2": ShuffleNetV2,
+  "cnn": SimpleCNN,
+  "resnet18": ResNet18,
+  "resnet50": ResNet50,
+  "shufflenet_v2": ShuffleNetV2,
 }
-_ACCEPTED = (f"one of {', '.join(BACKBONES)}, or 'package.module:factory' naming a function "
-             "factory(num_classes=..., dtype=...) that returns a Flax module called as "
-             "model(x, train=...) -> (logits, {name: feature map})")
+_ACCEPTED = (
+  f"one of {', '.join(BACKBONES)}, or 'package.module:factory' naming a function "
+  "factory(num_classes=..., dtype=...) that returns a Flax module called as "
+  "model(x, train=...) -> (logits, {name: feature map})"
+)
 
 
-def create_backbone(name: str, num_classes: int, dtype: Dtype = jnp.float32, *,
-                    lowering: Lowering | None = None) -> nn.Module:
+def create_backbone(
+  name: str, num_classes: int, dtype: Dtype = jnp.float32, *, lowering: Lowering | None = None
+) -> nn.Module:
   """The backbone `name`, computing in `dtype` with float32 params.
 
   `name` is one of `BACKBONES`, or `package.module:factory`: your own Flax backbone, from
@@ -281,8 +317,9 @@ def create_backbone(name: str, num_classes: int, dtype: Dtype = jnp.float32, *,
     return _CONSTRUCTORS[name](num_classes=num_classes, dtype=dtype, lowering=lowering)
   model = _factory(name)(num_classes=num_classes, dtype=dtype)
   if not isinstance(model, nn.Module):
-    raise ValueError(f"backbone {name!r} returned {type(model).__name__}, not a Flax module; "
-                     f"accepted: {_ACCEPTED}")
+    raise ValueError(
+      f"backbone {name!r} returned {type(model).__name__}, not a Flax module; accepted: {_ACCEPTED}"
+    )
   return model
 
 
@@ -294,25 +331,30 @@ def _factory(spec: str) -> Callable[..., Any]:
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f"backbone {spec!r}: cannot import {module_name!r} ({e}); accepted: "
-                     f"{_ACCEPTED}") from e
+    raise ValueError(
+      f"backbone {spec!r}: cannot import {module_name!r} ({e}); accepted: {_ACCEPTED}"
+    ) from e
   factory = getattr(module, attribute, None)
   if factory is None or not callable(factory):
     what = "has no attribute" if factory is None else "has a non-callable"
-    raise ValueError(f"backbone {spec!r}: module {module_name!r} {what} {attribute!r}; "
-                     f"accepted: {_ACCEPTED}")
+    raise ValueError(
+      f"backbone {spec!r}: module {module_name!r} {what} {attribute!r}; accepted: {_ACCEPTED}"
+    )
   try:
     inspect.signature(factory).bind(num_classes=1, dtype=jnp.float32)
   except TypeError as e:
-    raise ValueError(f"backbone {spec!r}: {attribute}(num_classes=..., dtype=...) cannot be "
-                     f"called ({e}); accepted: {_ACCEPTED}") from e
+    raise ValueError(
+      f"backbone {spec!r}: {attribute}(num_classes=..., dtype=...) cannot be "
+      f"called ({e}); accepted: {_ACCEPTED}"
+    ) from e
   except ValueError:  # no signature to inspect (some builtins): the call will tell
     pass
   return factory
 
 
-def feature_names(backbone: str, num_classes: int, input_shape: Sequence[int],
-                  dtype: Dtype = jnp.float32) -> tuple[str, ...]:
+def feature_names(
+  backbone: str, num_classes: int, input_shape: Sequence[int], dtype: Dtype = jnp.float32
+) -> tuple[str, ...]:
   """The names of the [N, H, W, C] feature maps `backbone` returns, in its order (the last is the
   default `module`): `STAGES` for a built-in name, else traced with `jax.eval_shape` on one
   `input_shape` image (nothing is compiled or computed).
@@ -335,17 +377,26 @@ def feature_names(backbone: str, num_classes: int, input_shape: Sequence[int],
   try:
     out = jax.eval_shape(forward, jax.random.key(0), x)
   except Exception as e:  # noqa: BLE001 - any failure of the user's model is this error
-    raise ValueError(f"backbone {backbone!r} fails on a {tuple(x.shape)} input: "
-                     f"{type(e).__name__}: {e}") from e
-  if not (isinstance(out, tuple) and len(out) == 2 and isinstance(returned[0][1], dict)
-          and getattr(out[0], "shape", None) == (1, num_classes)):
-    raise ValueError(f"backbone {backbone!r} returned {jax.tree.map(lambda a: a.shape, out)} "
-                     f"for a {tuple(x.shape)} input; accepted: {_ACCEPTED}, logits of shape "
-                     f"(1, {num_classes})")
+    raise ValueError(
+      f"backbone {backbone!r} fails on a {tuple(x.shape)} input: {type(e).__name__}: {e}"
+    ) from e
+  if not (
+    isinstance(out, tuple)
+    and len(out) == 2
+    and isinstance(returned[0][1], dict)
+    and getattr(out[0], "shape", None) == (1, num_classes)
+  ):
+    raise ValueError(
+      f"backbone {backbone!r} returned {jax.tree.map(lambda a: a.shape, out)} "
+      f"for a {tuple(x.shape)} input; accepted: {_ACCEPTED}, logits of shape "
+      f"(1, {num_classes})"
+    )
   names = tuple(k for k in returned[0][1] if getattr(out[1][k], "ndim", 0) == 4)
   if not names:
-    raise ValueError(f"backbone {backbone!r} returns no [N, H, W, C] feature map for the "
-                     f"FMCE-Net to read; accepted: {_ACCEPTED}")
+    raise ValueError(
+      f"backbone {backbone!r} returns no [N, H, W, C] feature map for the "
+      f"FMCE-Net to read; accepted: {_ACCEPTED}"
+    )
   return names
 
 
@@ -356,6 +407,7 @@ class FMCENet(nn.Module):
   every backbone step, where its gradient w.r.t. the feature map drives the RAL loss. The first
   block halves maps larger than 8x8 so early stages (e.g. 32x32x64) stay cheap.
   """
+
   num_phases: int
   width: int = 64
   depth: int = 2

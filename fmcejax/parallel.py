@@ -43,11 +43,13 @@ def initialize_distributed() -> None:
     # Only affects the CPU backend; without it CPU computations cannot span processes.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=int(os.environ["FMCEJAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["FMCEJAX_PROCESS_ID"]))
-  elif (os.environ.get("FMCEJAX_DISTRIBUTED") == "auto"
-        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")):
+      coordinator_address=coordinator,
+      num_processes=int(os.environ["FMCEJAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["FMCEJAX_PROCESS_ID"]),
+    )
+  elif os.environ.get("FMCEJAX_DISTRIBUTED") == "auto" or "," in os.environ.get(
+    "TPU_WORKER_HOSTNAMES", ""
+  ):
     jax.distributed.initialize()
 
 
@@ -158,4 +160,5 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree (identical on every host) on every device."""
   sharding = replicated(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+  )

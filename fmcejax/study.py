@@ -47,32 +47,54 @@ class Study:
   def head(self, arm: study_lib.Arm) -> tuple[Any, Any]:
     """The arm's frozen head; trains what it needs (once per module and head kind)."""
     data = self.module_dir(arm.module) / "fmcs_data"
-    self._once(f"fmcs_data {arm.module}", ("modules", arm.module, "fmcs_data"),
-               lambda: self.stages.build_fmcs(arm.module, data))
+    self._once(
+      f"fmcs_data {arm.module}",
+      ("modules", arm.module, "fmcs_data"),
+      lambda: self.stages.build_fmcs(arm.module, data),
+    )
     if arm.head == "random":
       return self.stages.frozen_head(arm.module, data, None)
     name = "fmce_net" if arm.head == "trained" else f"fmce_net_{arm.head}"
     trained = self.module_dir(arm.module) / name
     labels = "phase" if arm.head == "trained" else arm.head
-    self._once(f"{name} {arm.module}", ("modules", arm.module, name),
-               lambda: self.stages.train_fmce_net(data, trained, labels=labels))
+    self._once(
+      f"{name} {arm.module}",
+      ("modules", arm.module, name),
+      lambda: self.stages.train_fmce_net(data, trained, labels=labels),
+    )
     return self.stages.frozen_head(arm.module, data, trained)
 
   def run(self) -> dict[str, Any]:
     s = self.stages
     s.run(["probe", "cqi"])
-    baselines = {seed: s.backbone_run(self.root / "baseline" / f"seed_{seed}", seed=seed,
-                                      role="baseline", head=None, train_with_head=False)
-                 for seed in s.seeds}
+    baselines = {
+      seed: s.backbone_run(
+        self.root / "baseline" / f"seed_{seed}",
+        seed=seed,
+        role="baseline",
+        head=None,
+        train_with_head=False,
+      )
+      for seed in s.seeds
+    }
     results = []
     for arm in self.arms:
       head, config = self.head(arm), arm.run_config(s.config)
-      runs = {seed: s.backbone_run(self.root / "arms" / arm.name / f"seed_{seed}", seed=seed,
-                                   role=arm.name, head=head, train_with_head=True, config=config)
-              for seed in s.seeds}
+      runs = {
+        seed: s.backbone_run(
+          self.root / "arms" / arm.name / f"seed_{seed}",
+          seed=seed,
+          role=arm.name,
+          head=head,
+          train_with_head=True,
+          config=config,
+        )
+        for seed in s.seeds
+      }
       results.append((arm, runs))
-    summary = study_lib.build_study(dataset=s.config.dataset, backbone=s.config.backbone,
-                                    baseline=baselines, arms=results)
+    summary = study_lib.build_study(
+      dataset=s.config.dataset, backbone=s.config.backbone, baseline=baselines, arms=results
+    )
     if jax.process_index() == 0:
       study_lib.write_study(self.root, summary)
     return summary
@@ -81,8 +103,11 @@ class Study:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv if argv is None else argv
   define = lambda: config_flags.DEFINE_config_dict(  # noqa: E731
-      "study", study_lib.study_config(), "The study's grid (`study_lib.study_config`).",
-      lock_config=True)
+    "study",
+    study_lib.study_config(),
+    "The study's grid (`study_lib.study_config`).",
+    lock_config=True,
+  )
   try:
     config, path = train.parse_flags(argv, define)
     study = flags.FLAGS.study
@@ -92,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
   parallel.initialize_distributed()
   try:
     names = config_lib.module_names(config)
-    arms = study_lib.expand_grid(study, default_module=config.module or names[-1],
-                                 module_names=names)
+    arms = study_lib.expand_grid(
+      study, default_module=config.module or names[-1], module_names=names
+    )
     root, lock = train.prepare_workdir(config, path)  # noqa: F841 - held until exit
     runner = Study(pipeline.Pipeline(config, root), arms)
   except (config_lib.ConfigError, datasets.DataError) as e:

@@ -28,14 +28,27 @@ CONTROLS = ("shuffled", "random")
 HEADS = ("trained",) + CONTROLS
 # The run config fields each RAL variant sets (config_lib.RAL_MODES x RAL_TARGETS).
 RAL_FIELDS: dict[str, dict[str, str]] = {
-    "convex": {"ral": "convex", "ral_target": "phase"},
-    "additive": {"ral": "additive", "ral_target": "phase"},
-    "regression": {"ral": "convex", "ral_target": "regression"},
+  "convex": {"ral": "convex", "ral_target": "phase"},
+  "additive": {"ral": "additive", "ral_target": "phase"},
+  "regression": {"ral": "convex", "ral_target": "regression"},
 }
 CI_METHOD = "student_t_paired"
 STUDY_KEYS = ("dataset", "backbone", "seeds", "baseline_accuracy", "arms")
-ARM_KEYS = ("name", "alpha", "module", "variant", "head", "accuracy", "gains_pp", "gain_pp_mean",
-            "gain_pp_std", "ci95_pp", "ci_method", "n", "fmcs_per_epoch")
+ARM_KEYS = (
+  "name",
+  "alpha",
+  "module",
+  "variant",
+  "head",
+  "accuracy",
+  "gains_pp",
+  "gain_pp_mean",
+  "gain_pp_std",
+  "ci95_pp",
+  "ci_method",
+  "n",
+  "fmcs_per_epoch",
+)
 OUTPUTS = ("study.json", "study.md", "plot_study.png")
 
 
@@ -43,23 +56,24 @@ def study_config() -> ml_collections.ConfigDict:
   """The grid, set with `--study.FIELD=VALUE`. Every field is a string (comma lists), so the
   command line spells them all the same way and "" can mean "the default"."""
   s = ml_collections.ConfigDict()
-  s.alphas = "0.1"                 # comma list of RAL weights, each in [0, 1]
-  s.modules = ""                   # comma list of backbone stages; "" = the config's module
-  s.variants = "convex"            # comma list of convex | additive | regression (RAL_FIELDS)
-  s.controls = "shuffled,random"   # comma list of shuffled | random, or "" for none
-  s.control_alpha = ""             # the controls' alpha, one of `alphas`; "" = the first alpha
-  s.control_module = ""            # the controls' module, one of `modules`; "" = the first one
+  s.alphas = "0.1"  # comma list of RAL weights, each in [0, 1]
+  s.modules = ""  # comma list of backbone stages; "" = the config's module
+  s.variants = "convex"  # comma list of convex | additive | regression (RAL_FIELDS)
+  s.controls = "shuffled,random"  # comma list of shuffled | random, or "" for none
+  s.control_alpha = ""  # the controls' alpha, one of `alphas`; "" = the first alpha
+  s.control_module = ""  # the controls' module, one of `modules`; "" = the first one
   return s
 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One FMCE-Net++ configuration of the grid, run once per seed against that seed's baseline."""
+
   name: str
   alpha: float
   module: str
   variant: str  # one of VARIANTS
-  head: str     # one of HEADS: the FMCE-Net it trains against
+  head: str  # one of HEADS: the FMCE-Net it trains against
 
   def config_fields(self) -> dict[str, Any]:
     """The run config fields this arm sets; everything else is the baseline's recipe."""
@@ -88,19 +102,23 @@ def _items(study: Mapping, field: str) -> list[str]:
   items = [p.strip() for p in parts if p.strip()]
   duplicates = sorted({i for i in items if items.count(i) > 1})
   if duplicates:
-    raise ConfigError(f"study.{field}", value, "a comma list without repeats",
-                      f"Repeated: {', '.join(duplicates)}.")
+    raise ConfigError(
+      f"study.{field}", value, "a comma list without repeats", f"Repeated: {', '.join(duplicates)}."
+    )
   return items
 
 
-def _choices(study: Mapping, field: str, accepted: Sequence[str], *, allow_empty: bool) -> list[str]:
+def _choices(
+  study: Mapping, field: str, accepted: Sequence[str], *, allow_empty: bool
+) -> list[str]:
   items = _items(study, field)
   unknown = [i for i in items if i not in accepted]
   if unknown or not (items or allow_empty):
     empty = ', or "" for none' if allow_empty else ""
     why = f"Unknown: {', '.join(unknown)}." if unknown else "The list is empty."
-    raise ConfigError(f"study.{field}", study[field],
-                      f"a comma list of {', '.join(accepted)}{empty}", why)
+    raise ConfigError(
+      f"study.{field}", study[field], f"a comma list of {', '.join(accepted)}{empty}", why
+    )
   return items
 
 
@@ -122,8 +140,10 @@ def _control_alpha(study: Mapping, alphas: Sequence[float]) -> float:
   value = str(study["control_alpha"]).strip()
   if not value:
     return alphas[0]
-  accepted = (f'one of the study\'s alphas ({", ".join(map(repr, alphas))}), or "" for the '
-              "first: a control copies a real arm")
+  accepted = (
+    f'one of the study\'s alphas ({", ".join(map(repr, alphas))}), or "" for the '
+    "first: a control copies a real arm"
+  )
   try:
     alpha = float(value)
   except ValueError:
@@ -136,9 +156,12 @@ def _control_alpha(study: Mapping, alphas: Sequence[float]) -> float:
 def _control_module(study: Mapping, modules: Sequence[str]) -> str:
   value = str(study["control_module"]).strip()
   if value and value not in modules:
-    raise ConfigError("study.control_module", study["control_module"],
-                      f'one of the study\'s modules ({", ".join(modules)}), or "" for the first: '
-                      "a control copies a real arm")
+    raise ConfigError(
+      "study.control_module",
+      study["control_module"],
+      f'one of the study\'s modules ({", ".join(modules)}), or "" for the first: '
+      "a control copies a real arm",
+    )
   return value or modules[0]
 
 
@@ -155,10 +178,22 @@ def expand_grid(study: Mapping, *, default_module: str, module_names: Sequence[s
   controls = _choices(study, "controls", CONTROLS, allow_empty=True)
   control_alpha = _control_alpha(study, alphas)
   control_module = _control_module(study, modules)
-  arms = [Arm(arm_name("trained", m, v, a), a, m, v, "trained")
-          for m in modules for v in variants for a in alphas]
-  arms += [Arm(arm_name(c, control_module, variants[0], control_alpha), control_alpha,
-               control_module, variants[0], c) for c in controls]
+  arms = [
+    Arm(arm_name("trained", m, v, a), a, m, v, "trained")
+    for m in modules
+    for v in variants
+    for a in alphas
+  ]
+  arms += [
+    Arm(
+      arm_name(c, control_module, variants[0], control_alpha),
+      control_alpha,
+      control_module,
+      variants[0],
+      c,
+    )
+    for c in controls
+  ]
   return arms
 
 
@@ -174,8 +209,10 @@ def arm_stats(baseline: Mapping[int, float], arm: Mapping[int, float]) -> dict[s
   as in report.json, and `n` says why.
   """
   if set(baseline) != set(arm):
-    raise ValueError(f"arm and baseline must have the same seeds (pairing is by seed): arm "
-                     f"{sorted(arm)}, baseline {sorted(baseline)}")
+    raise ValueError(
+      f"arm and baseline must have the same seeds (pairing is by seed): arm "
+      f"{sorted(arm)}, baseline {sorted(baseline)}"
+    )
   seeds = sorted(arm)
   if not seeds:
     raise ValueError("no seeds to pair")
@@ -186,8 +223,15 @@ def arm_stats(baseline: Mapping[int, float], arm: Mapping[int, float]) -> dict[s
   if n > 1:
     half = float(scipy.stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
     ci = [mean - half, mean + half]
-  return {"accuracy": [float(arm[s]) for s in seeds], "gains_pp": gains, "gain_pp_mean": mean,
-          "gain_pp_std": std, "ci95_pp": ci, "ci_method": CI_METHOD, "n": n}
+  return {
+    "accuracy": [float(arm[s]) for s in seeds],
+    "gains_pp": gains,
+    "gain_pp_mean": mean,
+    "gain_pp_std": std,
+    "ci95_pp": ci,
+    "ci_method": CI_METHOD,
+    "n": n,
+  }
 
 
 def fmcs_per_epoch(histories: Sequence[Sequence[Mapping]]) -> list[float | None]:
@@ -197,8 +241,13 @@ def fmcs_per_epoch(histories: Sequence[Sequence[Mapping]]) -> list[float | None]
   return workdir.plain(mean)
 
 
-def build_study(*, dataset: str, backbone: str, baseline: Mapping[int, Mapping],
-                arms: Sequence[tuple[Arm, Mapping[int, Mapping]]]) -> dict[str, Any]:
+def build_study(
+  *,
+  dataset: str,
+  backbone: str,
+  baseline: Mapping[int, Mapping],
+  arms: Sequence[tuple[Arm, Mapping[int, Mapping]]],
+) -> dict[str, Any]:
   """`study.json`'s content from the runs' metrics.json dicts (seed -> metrics), one baseline
   per seed and each arm's runs over the same seeds."""
   seeds = sorted(baseline)
@@ -206,11 +255,26 @@ def build_study(*, dataset: str, backbone: str, baseline: Mapping[int, Mapping],
   records = []
   for arm, runs in arms:
     stats = arm_stats(base, {s: m["test_accuracy"] for s, m in runs.items()})
-    records.append({"name": arm.name, "alpha": arm.alpha, "module": arm.module,
-                    "variant": arm.variant, "head": arm.head, **stats,
-                    "fmcs_per_epoch": fmcs_per_epoch([runs[s]["history"] for s in seeds])})
-  return workdir.plain({"dataset": dataset, "backbone": backbone, "seeds": seeds,
-                       "baseline_accuracy": [base[s] for s in seeds], "arms": records})
+    records.append(
+      {
+        "name": arm.name,
+        "alpha": arm.alpha,
+        "module": arm.module,
+        "variant": arm.variant,
+        "head": arm.head,
+        **stats,
+        "fmcs_per_epoch": fmcs_per_epoch([runs[s]["history"] for s in seeds]),
+      }
+    )
+  return workdir.plain(
+    {
+      "dataset": dataset,
+      "backbone": backbone,
+      "seeds": seeds,
+      "baseline_accuracy": [base[s] for s in seeds],
+      "arms": records,
+    }
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,35 +289,37 @@ def _markdown(study: Mapping) -> str:
   base_mean, base_std = report.mean_std(study["baseline_accuracy"])
   per_seed = ", ".join(f"{100 * a:.2f}" for a in study["baseline_accuracy"])
   lines = [
-      f"# FMCE-Net++ study: {study['backbone']} on {study['dataset']}",
-      "",
-      f"Seeds {study['seeds']}. Baseline test accuracy {100 * base_mean:.2f} ± "
-      f"{100 * base_std:.2f} % (per seed: {per_seed}).",
-      "",
-      "Gains are percentage points, arm minus the baseline of the same seed; ± is the sample std "
-      "over seeds; the 95% CI is the Student t interval of the paired mean difference (n - 1 "
-      "degrees of freedom; n/a for n = 1). Heads: `trained` is the FMCE-Net; the controls keep "
-      "its arm's alpha, module and RAL but not its knowledge: `shuffled` was trained on shuffled "
-      "phase labels, `random` is untrained.",
-      "",
-      "| arm | head | module | alpha | variant | n | gain (pp), mean ± std | 95% CI (pp) "
-      "| per-seed gains (pp) |",
-      "|---|---|---|---:|---|---:|---:|---|---|",
+    f"# FMCE-Net++ study: {study['backbone']} on {study['dataset']}",
+    "",
+    f"Seeds {study['seeds']}. Baseline test accuracy {100 * base_mean:.2f} ± "
+    f"{100 * base_std:.2f} % (per seed: {per_seed}).",
+    "",
+    "Gains are percentage points, arm minus the baseline of the same seed; ± is the sample std "
+    "over seeds; the 95% CI is the Student t interval of the paired mean difference (n - 1 "
+    "degrees of freedom; n/a for n = 1). Heads: `trained` is the FMCE-Net; the controls keep "
+    "its arm's alpha, module and RAL but not its knowledge: `shuffled` was trained on shuffled "
+    "phase labels, `random` is untrained.",
+    "",
+    "| arm | head | module | alpha | variant | n | gain (pp), mean ± std | 95% CI (pp) "
+    "| per-seed gains (pp) |",
+    "|---|---|---|---:|---|---:|---:|---|---|",
   ]
   for arm in study["arms"]:
     ci = arm["ci95_pp"]
     ci_text = "n/a" if ci is None else f"[{_pp(ci[0])}, {_pp(ci[1])}]"
     gains = ", ".join(_pp(g) for g in arm["gains_pp"])
     lines.append(
-        f"| {arm['name']} | {arm['head']} | {arm['module']} | {arm['alpha']:g} | "
-        f"{arm['variant']} | {arm['n']} | {_pp(arm['gain_pp_mean'])} ± "
-        f"{arm['gain_pp_std']:.2f} | {ci_text} | {gains} |")
+      f"| {arm['name']} | {arm['head']} | {arm['module']} | {arm['alpha']:g} | "
+      f"{arm['variant']} | {arm['n']} | {_pp(arm['gain_pp_mean'])} ± "
+      f"{arm['gain_pp_std']:.2f} | {ci_text} | {gains} |"
+    )
   lines += ["", "![forest plot of the gains](plot_study.png)"]
   return "\n".join(lines) + "\n"
 
 
-def forest_layout(arms: Sequence[Mapping]) -> tuple[list[tuple[float, Mapping]],
-                                                    list[tuple[str, float]]]:
+def forest_layout(
+  arms: Sequence[Mapping],
+) -> tuple[list[tuple[float, Mapping]], list[tuple[str, float]]]:
   """Rows of the forest plot, top to bottom: arms grouped by module (in order of first
   appearance), trained heads before controls, a blank row between groups.
 
@@ -272,9 +338,11 @@ def forest_layout(arms: Sequence[Mapping]) -> tuple[list[tuple[float, Mapping]],
   return rows, groups
 
 
-_STYLE = {"trained": dict(color="C0", marker="o", mfc="C0"),
-          "shuffled": dict(color="C3", marker="s", mfc="white"),
-          "random": dict(color="C7", marker="D", mfc="white")}
+_STYLE = {
+  "trained": dict(color="C0", marker="o", mfc="C0"),
+  "shuffled": dict(color="C3", marker="s", mfc="white"),
+  "random": dict(color="C7", marker="D", mfc="white"),
+}
 
 
 def plot_study(study: Mapping, path: str | os.PathLike) -> Figure:
@@ -287,24 +355,38 @@ def plot_study(study: Mapping, path: str | os.PathLike) -> Figure:
     ci = arm["ci95_pp"]
     mean = arm["gain_pp_mean"]
     xerr = None if ci is None else [[mean - ci[0]], [ci[1] - mean]]
-    ax.errorbar(mean, y, xerr=xerr, capsize=3, linestyle="none", **_STYLE[arm["head"]],
-                label=arm["head"])
+    ax.errorbar(
+      mean, y, xerr=xerr, capsize=3, linestyle="none", **_STYLE[arm["head"]], label=arm["head"]
+    )
   for i, (module, y) in enumerate(groups):
     bottom = min(r for r, a in rows if a["module"] == module)
     ax.axhspan(bottom - 0.5, y + 0.5, color="0.93" if i % 2 == 0 else "white", zorder=0)
-    ax.text(0.0, y, f"module {module}", transform=ax.get_yaxis_transform(), fontweight="bold",
-            va="center")
-  ax.set_yticks([y for y, _ in rows],
-                [f"{a['variant']}, alpha {a['alpha']:g}" + (f" [{a['head']}]" if a["head"] !=
-                                                           "trained" else "") for _, a in rows])
+    ax.text(
+      0.0, y, f"module {module}", transform=ax.get_yaxis_transform(), fontweight="bold", va="center"
+    )
+  ax.set_yticks(
+    [y for y, _ in rows],
+    [
+      f"{a['variant']}, alpha {a['alpha']:g}"
+      + (f" [{a['head']}]" if a["head"] != "trained" else "")
+      for _, a in rows
+    ],
+  )
   ax.set_ylim(min(y for y, _ in rows) - 0.7, 0.7)
   handles, labels = ax.get_legend_handles_labels()
   unique = dict(zip(labels, handles))
-  ax.legend(unique.values(), unique.keys(), title="head", fontsize="small", loc="upper left",
-            bbox_to_anchor=(1.01, 1.0))
+  ax.legend(
+    unique.values(),
+    unique.keys(),
+    title="head",
+    fontsize="small",
+    loc="upper left",
+    bbox_to_anchor=(1.01, 1.0),
+  )
   ax.set_xlabel("gain over the paired baseline (pp): mean and 95% CI over seeds")
-  ax.set_title(f"FMCE-Net++ study: {study['backbone']} on {study['dataset']}, "
-               f"seeds {study['seeds']}")
+  ax.set_title(
+    f"FMCE-Net++ study: {study['backbone']} on {study['dataset']}, seeds {study['seeds']}"
+  )
   report.save_figure(fig, path)
   return fig
 
@@ -313,8 +395,9 @@ def write_study(root: str | os.PathLike, study: Mapping) -> None:
   """Write study.json, study.md and plot_study.png into `root` (local or gs://), atomically;
   checks the contract's keys first, so nothing is written for a malformed study."""
   missing = [k for k in STUDY_KEYS if k not in study]
-  missing += [f"arms[{i}].{k}" for i, a in enumerate(study.get("arms", [])) for k in ARM_KEYS
-              if k not in a]
+  missing += [
+    f"arms[{i}].{k}" for i, a in enumerate(study.get("arms", [])) for k in ARM_KEYS if k not in a
+  ]
   if missing:
     raise KeyError(f"study lacks required keys {missing}")
   study = workdir.plain(study)

@@ -41,8 +41,7 @@ def _classifier(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class SimpleCNN(nn.Module):
   """`models.SimpleCNN`: three conv-BN-ReLU blocks, 2x2 max-pool after the first two."""
 
-  def __init__(self, num_classes: int, in_channels: int,
-               widths: Sequence[int] = (16, 32, 64)):
+  def __init__(self, num_classes: int, in_channels: int, widths: Sequence[int] = (16, 32, 64)):
     super().__init__()
     cin = in_channels
     for i, width in enumerate(widths):
@@ -64,6 +63,7 @@ class SimpleCNN(nn.Module):
 
 class _Block(nn.Module):
   """Residual block base: the identity or 1x1-projection shortcut (`models._shortcut`)."""
+
   expansion = 1
 
   def _add_shortcut(self, cin: int, cout: int, stride: int) -> None:
@@ -93,6 +93,7 @@ class BasicBlock(_Block):
 
 class Bottleneck(_Block):
   """`models.Bottleneck`: 1x1 reduce, 3x3 carrying the stride, 1x1 expand by 4."""
+
   expansion = 4
 
   def __init__(self, cin: int, filters: int, stride: int):
@@ -112,8 +113,9 @@ class Bottleneck(_Block):
 class ResNet(nn.Module):
   """`models.ResNet` (kuangliu CIFAR layout): 3x3 stride-1 stem, no max-pool."""
 
-  def __init__(self, block: type[_Block], stage_sizes: Sequence[int], num_classes: int,
-               in_channels: int):
+  def __init__(
+    self, block: type[_Block], stage_sizes: Sequence[int], num_classes: int, in_channels: int
+  ):
     super().__init__()
     self.conv1, self.bn1 = _conv(in_channels, 64, 3), _bn(64)
     self.stages: list[list[str]] = []
@@ -175,9 +177,14 @@ class InvertedResidual(nn.Module):
 class ShuffleNetV2(nn.Module):
   """`models.ShuffleNetV2` (torchvision shufflenet_v2_x1_0; `small_input` stem by default)."""
 
-  def __init__(self, num_classes: int, in_channels: int, small_input: bool = True,
-               stages_repeats: Sequence[int] = (4, 8, 4),
-               stages_out_channels: Sequence[int] = (24, 116, 232, 464, 1024)):
+  def __init__(
+    self,
+    num_classes: int,
+    in_channels: int,
+    small_input: bool = True,
+    stages_repeats: Sequence[int] = (4, 8, 4),
+    stages_out_channels: Sequence[int] = (24, 116, 232, 464, 1024),
+  ):
     super().__init__()
     self.small_input = small_input
     self.conv1 = _conv(in_channels, stages_out_channels[0], 3, 1 if small_input else 2)
@@ -213,8 +220,9 @@ class FMCENet(nn.Module):
   """`models.FMCENet`. The first block's stride depends on the map size (2 above 8x8), so the
   torch module is built for one feature-map shape `(h, w, c)`."""
 
-  def __init__(self, num_phases: int, feature_shape: Sequence[int], width: int = 64,
-               depth: int = 2):
+  def __init__(
+    self, num_phases: int, feature_shape: Sequence[int], width: int = 64, depth: int = 2
+  ):
     super().__init__()
     h, w, cin = feature_shape
     self.depth = depth
@@ -296,8 +304,9 @@ def copy_flax_variables(module: nn.Module, variables: Mapping[str, Any]) -> None
 
   walk(params, stats, ())
   expected = {name for name, _ in module.named_parameters()}
-  expected |= {name for name, _ in module.named_buffers()
-               if not name.endswith("num_batches_tracked")}
+  expected |= {
+    name for name, _ in module.named_buffers() if not name.endswith("num_batches_tracked")
+  }
   missing = expected - done
   if missing:
     raise ValueError(f"torch tensors not found in the Flax variables: {sorted(missing)}")
@@ -314,8 +323,14 @@ def frozen(head: nn.Module) -> nn.Module:
   return head
 
 
-def create_optimizer(model: nn.Module, learning_rate: float, *, weight_decay: float,
-                     momentum: float = 0.9, nesterov: bool = True) -> torch.optim.SGD:
+def create_optimizer(
+  model: nn.Module,
+  learning_rate: float,
+  *,
+  weight_decay: float,
+  momentum: float = 0.9,
+  nesterov: bool = True,
+) -> torch.optim.SGD:
   """`steps.create_optimizer("sgd", ...)`: decay on conv/dense kernels only (ndim > 1).
 
   torch's SGD adds `weight_decay * p` to the gradient before momentum and its first momentum
@@ -323,13 +338,22 @@ def create_optimizer(model: nn.Module, learning_rate: float, *, weight_decay: fl
   """
   decay = [p for p in model.parameters() if p.ndim > 1]
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}],
-                         lr=learning_rate, momentum=momentum, nesterov=nesterov and momentum > 0)
+  return torch.optim.SGD(
+    [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    lr=learning_rate,
+    momentum=momentum,
+    nesterov=nesterov and momentum > 0,
+  )
 
 
-def ral_loss(logits: torch.Tensor, labels: torch.Tensor, head_logits: torch.Tensor | None,
-             alpha: float, mode: str = "convex", target: str = "phase") -> torch.Tensor:
+def ral_loss(
+  logits: torch.Tensor,
+  labels: torch.Tensor,
+  head_logits: torch.Tensor | None,
+  alpha: float,
+  mode: str = "convex",
+  target: str = "phase",
+) -> torch.Tensor:
   """`steps.ral_loss`: cross-entropy, plus alpha * L_conv toward the last phase with a head."""
   ce = F.cross_entropy(logits, labels)
   if head_logits is None:
@@ -354,11 +378,22 @@ class TrainStep:
   optimizer stays eager). `channels_last` is worth it on GPU tensor cores, not on CPU.
   """
 
-  def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-               mean: Sequence[float], std: Sequence[float], head: nn.Module | None = None,
-               module: str = "", alpha: float = 0.0, mode: str = "convex",
-               target: str = "phase", autocast_dtype: torch.dtype | None = None,
-               channels_last: bool = False, compile: bool = False):
+  def __init__(
+    self,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    head: nn.Module | None = None,
+    module: str = "",
+    alpha: float = 0.0,
+    mode: str = "convex",
+    target: str = "phase",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+  ):
     self.model, self.head, self.optimizer = model.train(), head, optimizer
     self.module, self.alpha, self.mode, self.target = module, alpha, mode, target
     device = next(model.parameters()).device
@@ -376,8 +411,11 @@ class TrainStep:
   def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     x = images.permute(0, 3, 1, 2).float().div(255.0)
     x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-    with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
-                        enabled=self.autocast_dtype is not None):
+    with torch.autocast(
+      self.device_type,
+      dtype=self.autocast_dtype or torch.float32,
+      enabled=self.autocast_dtype is not None,
+    ):
       logits, features = self.model(x)
       head_logits = None if self.head is None else self.head(features[self.module])
       return ral_loss(logits.float(), labels, head_logits, self.alpha, self.mode, self.target)

@@ -25,8 +25,7 @@ from fmcejax import config_lib, datasets, parallel, pipeline, trainer, workdir
 
 EXIT_BAD_INPUT = 2
 DEFAULT_CONFIG = "mnist_cnn"
-USAGE = ("python -m fmcejax.train [--config NAME_OR_FILE] [--workdir DIR] "
-         "[--config.FIELD=VALUE ...]")
+USAGE = "python -m fmcejax.train [--config NAME_OR_FILE] [--workdir DIR] [--config.FIELD=VALUE ...]"
 
 
 class CommandLineError(ValueError):
@@ -36,8 +35,11 @@ class CommandLineError(ValueError):
 def shipped_configs() -> dict[str, str]:
   """Name -> path of every config that ships with the package (`configs/` in a checkout)."""
   root = importlib.resources.files("fmcejax.configs")
-  return {p.name.removesuffix(".py"): os.fspath(p) for p in root.iterdir()
-          if p.name.endswith(".py") and p.name not in ("__init__.py", "default.py")}
+  return {
+    p.name.removesuffix(".py"): os.fspath(p)
+    for p in root.iterdir()
+    if p.name.endswith(".py") and p.name not in ("__init__.py", "default.py")
+  }
 
 
 def resolve_config_arg(argv: Sequence[str]) -> list[str]:
@@ -52,24 +54,35 @@ def resolve_config_arg(argv: Sequence[str]) -> list[str]:
         file = shipped[file.removesuffix(".py")]
       if not os.path.isfile(file):
         raise config_lib.ConfigError(
-            "config", value, "a Python config file (ml_collections style) or the name of a "
-            f"shipped config: {', '.join(sorted(shipped))}", "No such file.")
-      argv[j] = (f"--config={file}{sep}{rest}" if j == i else f"{file}{sep}{rest}")
+          "config",
+          value,
+          "a Python config file (ml_collections style) or the name of a "
+          f"shipped config: {', '.join(sorted(shipped))}",
+          "No such file.",
+        )
+      argv[j] = f"--config={file}{sep}{rest}" if j == i else f"{file}{sep}{rest}"
   return argv
 
 
-def parse_flags(argv: Sequence[str], define_extra: Callable[[], None] = lambda: None
-                ) -> tuple[ml_collections.ConfigDict, str]:
+def parse_flags(
+  argv: Sequence[str], define_extra: Callable[[], None] = lambda: None
+) -> tuple[ml_collections.ConfigDict, str]:
   """(config, workdir) from the command line; raises CommandLineError or ConfigError."""
   argv = resolve_config_arg(argv)
   try:
     # Defined here, not at import: config_flags reads the overrides while defining the flag, and
     # an unknown field must become our exit status 2, not a traceback.
     config_flag = config_flags.DEFINE_config_file(
-        "config", shipped_configs()[DEFAULT_CONFIG], "Python config file (ml_collections) or "
-        "the name of a shipped config.", lock_config=True)
-    workdir_flag = flags.DEFINE_string("workdir", "./workdir", "Where results go (local or any "
-                                       "path etils.epath handles, e.g. gs://bucket/run).")
+      "config",
+      shipped_configs()[DEFAULT_CONFIG],
+      "Python config file (ml_collections) or the name of a shipped config.",
+      lock_config=True,
+    )
+    workdir_flag = flags.DEFINE_string(
+      "workdir",
+      "./workdir",
+      "Where results go (local or any path etils.epath handles, e.g. gs://bucket/run).",
+    )
     define_extra()
     flags.FLAGS(list(argv))
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:

@@ -52,6 +52,7 @@ class Batches(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Job:
   """Everything one training run needs; `identity` guards resume against another job's files."""
+
   model: nn.Module
   preprocess: Callable[[jax.Array], jax.Array]
   input_shape: tuple[int, ...]
@@ -102,15 +103,23 @@ def _sigterm_handled():
     signal.signal(signal.SIGTERM, previous)
 
 
-def jit_train_step(mesh: Mesh, *, preprocess: Callable[[jax.Array], jax.Array],
-                   head: steps.Head | None, loss: steps.Loss,
-                   compiler_options: dict[str, str] | None) -> Callable[..., Any]:
+def jit_train_step(
+  mesh: Mesh,
+  *,
+  preprocess: Callable[[jax.Array], jax.Array],
+  head: steps.Head | None,
+  loss: steps.Loss,
+  compiler_options: dict[str, str] | None,
+) -> Callable[..., Any]:
   """`steps.train_step` as `fit` runs it: state replicated and donated, batch sharded."""
   repl = parallel.replicated(mesh)
   return jax.jit(
-      functools.partial(steps.train_step, preprocess=preprocess, head=head, loss=loss),
-      in_shardings=(repl, parallel.batch_sharding(mesh), repl, repl),
-      out_shardings=(repl, repl), donate_argnums=0, compiler_options=compiler_options)
+    functools.partial(steps.train_step, preprocess=preprocess, head=head, loss=loss),
+    in_shardings=(repl, parallel.batch_sharding(mesh), repl, repl),
+    out_shardings=(repl, repl),
+    donate_argnums=0,
+    compiler_options=compiler_options,
+  )
 
 
 def _preempted(at_boundary: bool) -> bool:
@@ -121,27 +130,51 @@ def _preempted(at_boundary: bool) -> bool:
   return at_boundary and parallel.any_process(PREEMPTED.is_set())
 
 
-def fit(job: Job, run_dir: epath.PathLike, mesh: Mesh, options: LoopOptions,
-        on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+def fit(
+  job: Job,
+  run_dir: epath.PathLike,
+  mesh: Mesh,
+  options: LoopOptions,
+  on_epoch_end: EpochHook | None = None,
+) -> dict[str, Any]:
   """Trains `job` to the end (or to an early stop by `on_epoch_end`), resuming if it can.
 
   Returns the final metrics: test accuracy/loss, images/s, the per-epoch history and the state.
   """
   run_dir = epath.Path(run_dir)
   xla = parallel.compiler_options(mesh)
-  train_fn = jit_train_step(mesh, preprocess=job.preprocess, loss=job.loss, compiler_options=xla,
-                            head=job.head if job.train_with_head else None)
-  init_fn = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx,
-                                      job.input_shape), out_shardings=parallel.replicated(mesh),
-                    compiler_options=xla)
+  train_fn = jit_train_step(
+    mesh,
+    preprocess=job.preprocess,
+    loss=job.loss,
+    compiler_options=xla,
+    head=job.head if job.train_with_head else None,
+  )
+  init_fn = jax.jit(
+    functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
+    out_shardings=parallel.replicated(mesh),
+    compiler_options=xla,
+  )
   evaluate = _evaluator(job, mesh)
-  head_variables = (parallel.replicate(job.head_variables, mesh)
-                    if job.head_variables is not None else None)
+  head_variables = (
+    parallel.replicate(job.head_variables, mesh) if job.head_variables is not None else None
+  )
   state = init_fn(jax.random.PRNGKey(job.seed))
   manager = checkpointing.manager(run_dir / "checkpoints", options.keep_checkpoints)
-  meter = _Meter(job, options, {"history": [], "loss_sum": 0.0, "loss_count": 0,
-                                "stopped_early": False, "nonfinite_steps": 0, "images": 0,
-                                "train_seconds": 0.0, "identity": job.identity})
+  meter = _Meter(
+    job,
+    options,
+    {
+      "history": [],
+      "loss_sum": 0.0,
+      "loss_count": 0,
+      "stopped_early": False,
+      "nonfinite_steps": 0,
+      "images": 0,
+      "train_seconds": 0.0,
+      "identity": job.identity,
+    },
+  )
   restored = checkpointing.restore_latest_good(manager, state, job.identity, run_dir)
   if restored is not None:
     state, meter.progress = restored
@@ -156,16 +189,18 @@ def fit(job: Job, run_dir: epath.PathLike, mesh: Mesh, options: LoopOptions,
         meter.pending.append(metrics)
         log.advance()
         epoch_end = step % job.steps_per_epoch == 0
-        due = epoch_end or bool(options.checkpoint_every_steps
-                                and step % options.checkpoint_every_steps == 0)
+        due = epoch_end or bool(
+          options.checkpoint_every_steps and step % options.checkpoint_every_steps == 0
+        )
         logged = step % options.log_every == 0
         if due or logged or not meter.warm:
           log.train(step, meter.sync(step, manager))
         if epoch_end:
           record = meter.end_epoch(step, metrics, evaluate(state, head_variables, step == total))
           log.epoch(step, record)
-          if on_epoch_end is not None and on_epoch_end(record["epoch"], state,
-                                                        meter.progress["history"]):
+          if on_epoch_end is not None and on_epoch_end(
+            record["epoch"], state, meter.progress["history"]
+          ):
             meter.progress["stopped_early"] = True
           meter.restart_clock()
         preempted = _preempted(due or logged)
@@ -177,8 +212,10 @@ def fit(job: Job, run_dir: epath.PathLike, mesh: Mesh, options: LoopOptions,
         if preempted:
           manager.wait_until_finished()
           PREEMPTED.clear()  # handled: this process may train again (notebooks, tests)
-          raise Preempted(f"{options.description}: SIGTERM received; checkpoint written at "
-                          f"step {step}. Re-run the same command to resume.")
+          raise Preempted(
+            f"{options.description}: SIGTERM received; checkpoint written at "
+            f"step {step}. Re-run the same command to resume."
+          )
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -191,24 +228,31 @@ def _evaluator(job: Job, mesh: Mesh) -> Callable[[Any, Any, bool], Callable[[], 
   evaluates (every epoch, or only the final one), else None."""
   if job.eval_data is None:
     return lambda *_: None
-  fn = evaluation.jit(lambda v, batch: steps.eval_step(
-      v[0], batch, v[1], preprocess=job.preprocess, head=job.head), mesh)
+  fn = evaluation.jit(
+    lambda v, batch: steps.eval_step(v[0], batch, v[1], preprocess=job.preprocess, head=job.head),
+    mesh,
+  )
 
   def run(state, head_variables) -> dict[str, float | None]:
-    sums = evaluation.over_dataset(fn, (state, head_variables), job.eval_data, mesh,
-                                   global_batch=job.eval_batch_size)
-    return {"test_accuracy": float(sums["correct"] / sums["count"]),
-            "test_loss": float(sums["loss"] / sums["count"]),
-            "fmcs": float(sums["fmcs"] / sums["count"]) if "fmcs" in sums else None}
+    sums = evaluation.over_dataset(
+      fn, (state, head_variables), job.eval_data, mesh, global_batch=job.eval_batch_size
+    )
+    return {
+      "test_accuracy": float(sums["correct"] / sums["count"]),
+      "test_loss": float(sums["loss"] / sums["count"]),
+      "fmcs": float(sums["fmcs"] / sums["count"]) if "fmcs" in sums else None,
+    }
 
   return lambda state, head_variables, final: (
-      functools.partial(run, state, head_variables) if job.eval_each_epoch or final else None)
+    functools.partial(run, state, head_variables) if job.eval_each_epoch or final else None
+  )
 
 
 @dataclasses.dataclass
 class _Meter:
   """The run's host-side state: the checkpointed `progress` (JSON), the step metrics not yet
   brought to the host, and the clock that excludes compilation, evaluation and saving."""
+
   job: Job
   options: LoopOptions
   progress: dict[str, Any]
@@ -238,8 +282,11 @@ class _Meter:
       if not v["nonfinite"]:
         p["loss_sum"] += float(v["loss"])
         p["loss_count"] += 1
-    scalars = {f"train/{k}": float(values[-1][k]) for k in (
-        "loss", "ce", "conv", "fmcs", "alpha", "accuracy") if k in values[-1]}
+    scalars = {
+      f"train/{k}": float(values[-1][k])
+      for k in ("loss", "ce", "conv", "fmcs", "alpha", "accuracy")
+      if k in values[-1]
+    }
     scalars["train/learning_rate"] = float(self.job.learning_rate(step))
     scalars["train/images_per_second"] = self.images_per_second()
     return scalars
@@ -249,57 +296,78 @@ class _Meter:
     epoch = (bad[0] - 1) // self.job.steps_per_epoch + 1
     if self.options.nan_policy == "error":
       raise NonFiniteError(
-          f"{self.options.description}: non-finite loss or gradient at step {bad[0]} (epoch "
-          f"{epoch}); the update was not applied and no checkpoint was written after it. "
-          f"Last good checkpoint: step {manager.latest_step()}. Lower the learning rate, "
-          "check the data, or set --config.nan_policy=skip to skip such batches.")
-    logging.warning("%s: skipped %d non-finite batch(es), first at step %d (epoch %d)",
-                    self.options.description, len(bad), bad[0], epoch)
+        f"{self.options.description}: non-finite loss or gradient at step {bad[0]} (epoch "
+        f"{epoch}); the update was not applied and no checkpoint was written after it. "
+        f"Last good checkpoint: step {manager.latest_step()}. Lower the learning rate, "
+        "check the data, or set --config.nan_policy=skip to skip such batches."
+      )
+    logging.warning(
+      "%s: skipped %d non-finite batch(es), first at step %d (epoch %d)",
+      self.options.description,
+      len(bad),
+      bad[0],
+      epoch,
+    )
 
   def images_per_second(self) -> float | None:
     p = self.progress
     return p["images"] / p["train_seconds"] if p["train_seconds"] else None
 
-  def end_epoch(self, step: int, metrics: dict[str, jax.Array],
-                evaluate: Callable[[], dict] | None) -> dict[str, Any]:
+  def end_epoch(
+    self, step: int, metrics: dict[str, jax.Array], evaluate: Callable[[], dict] | None
+  ) -> dict[str, Any]:
     p = self.progress
-    record = {"epoch": step // self.job.steps_per_epoch,
-              "train_loss": p["loss_sum"] / max(p["loss_count"], 1),
-              "alpha": float(metrics["alpha"]),
-              "learning_rate": float(self.job.learning_rate(step - 1))}
+    record = {
+      "epoch": step // self.job.steps_per_epoch,
+      "train_loss": p["loss_sum"] / max(p["loss_count"], 1),
+      "alpha": float(metrics["alpha"]),
+      "learning_rate": float(self.job.learning_rate(step - 1)),
+    }
     p["loss_sum"], p["loss_count"] = 0.0, 0
     if evaluate is not None:
       record.update(evaluate())
     p["history"].append(record)
     return record
 
-  def result(self, step: int, state: steps.TrainState,
-             evaluate: Callable[[], dict] | None) -> dict[str, Any]:
+  def result(
+    self, step: int, state: steps.TrainState, evaluate: Callable[[], dict] | None
+  ) -> dict[str, Any]:
     history = self.progress["history"]
     last = history[-1]
     if "test_accuracy" not in last and evaluate is not None:  # stopped before the final epoch
       last.update(evaluate())
-    return {"test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
-            "epochs": len(history), "steps": step,
-            "images_per_second": self.images_per_second(),
-            "nonfinite_steps": self.progress["nonfinite_steps"],
-            "stopped_early": self.progress["stopped_early"], "history": history,
-            "state": state}
+    return {
+      "test_accuracy": last.get("test_accuracy"),
+      "test_loss": last.get("test_loss"),
+      "epochs": len(history),
+      "steps": step,
+      "images_per_second": self.images_per_second(),
+      "nonfinite_steps": self.progress["nonfinite_steps"],
+      "stopped_early": self.progress["stopped_early"],
+      "history": history,
+      "state": state,
+    }
 
 
 class _Log:
   """What a person watches: TensorBoard scalars and a progress bar, from process 0 only."""
 
-  def __init__(self, logdir: epath.Path, options: LoopOptions, epochs: int, total: int,
-               step: int):
+  def __init__(self, logdir: epath.Path, options: LoopOptions, epochs: int, total: int, step: int):
     self._options, self._epochs = options, epochs
     self._tb = self._bar = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(str(logdir))
       if options.progress_bar:
-        self._bar = tqdm.tqdm(total=total, initial=step, desc=options.description, unit="step",
-                              dynamic_ncols=True, leave=False)
+        self._bar = tqdm.tqdm(
+          total=total,
+          initial=step,
+          desc=options.description,
+          unit="step",
+          dynamic_ncols=True,
+          leave=False,
+        )
 
   def _scalars(self, step: int, values: dict[str, float | None]) -> None:
     if self._tb is not None:
@@ -314,17 +382,23 @@ class _Log:
   def train(self, step: int, scalars: dict[str, float | None]) -> None:
     self._scalars(step, scalars)
     if self._bar is not None and scalars:
-      self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                            img_s=f"{scalars['train/images_per_second'] or 0.0:.0f}")
+      self._bar.set_postfix(
+        loss=f"{scalars['train/loss']:.4f}",
+        img_s=f"{scalars['train/images_per_second'] or 0.0:.0f}",
+      )
 
   def epoch(self, step: int, record: dict[str, Any]) -> None:
     self._scalars(step, {f"epoch/{k}": v for k, v in record.items() if k != "epoch"})
     if jax.process_index() == 0:
-      parts = [f"{self._options.description} epoch {record['epoch']}/{self._epochs}",
-               f"train_loss {record['train_loss']:.4f}"]
+      parts = [
+        f"{self._options.description} epoch {record['epoch']}/{self._epochs}",
+        f"train_loss {record['train_loss']:.4f}",
+      ]
       if record.get("test_accuracy") is not None:
-        parts += [f"test_acc {100 * record['test_accuracy']:.2f}%",
-                  f"test_loss {record['test_loss']:.4f}"]
+        parts += [
+          f"test_acc {100 * record['test_accuracy']:.2f}%",
+          f"test_loss {record['test_loss']:.4f}",
+        ]
       if record.get("fmcs") is not None:
         parts.append(f"fmcs {record['fmcs']:.3f}")
       tqdm.tqdm.write(" | ".join(parts))

@@ -101,9 +101,12 @@ def check_writable(workdir: epath.Path) -> None:
     probe.unlink()
   except (OSError, PermissionError, NotImplementedError) as e:
     raise config_lib.ConfigError(
-        "workdir", os.fspath(workdir), "a directory this process can create and write (a local "
-        "path or a path etils.epath handles, such as gs://bucket/run)",
-        f"It cannot be written: {type(e).__name__}: {e}.") from None
+      "workdir",
+      os.fspath(workdir),
+      "a directory this process can create and write (a local "
+      "path or a path etils.epath handles, such as gs://bucket/run)",
+      f"It cannot be written: {type(e).__name__}: {e}.",
+    ) from None
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -115,9 +118,12 @@ def check_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
     diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != plain(current.get(k)))
     if diffs:
       raise config_lib.ConfigError(
-          diffs[0], current.get(diffs[0]), f"{saved.get(diffs[0])!r}, the value the results in "
-          f"{workdir} were made with", f"The workdir was made with another config (fields "
-          f"differing: {', '.join(diffs)}); use a new --workdir.")
+        diffs[0],
+        current.get(diffs[0]),
+        f"{saved.get(diffs[0])!r}, the value the results in {workdir} were made with",
+        f"The workdir was made with another config (fields "
+        f"differing: {', '.join(diffs)}); use a new --workdir.",
+      )
   else:
     parallel.primary_writes("config.json", lambda: write_json(p, current))
 
@@ -134,13 +140,19 @@ def lock(workdir: epath.Path) -> IO | None:
     if is_local(workdir):
       handle, owner = _flock(workdir / ".lock")
     else:
-      logging.warning("%s is on an object store, which has no file locks: nothing stops a second "
-                      "run on this workdir, so start one run per workdir.", workdir)
+      logging.warning(
+        "%s is on an object store, which has no file locks: nothing stops a second "
+        "run on this workdir, so start one run per workdir.",
+        workdir,
+      )
   if parallel.agree(bool(owner)):  # every process fails, or none waits for a dead process 0
     raise config_lib.ConfigError(
-        "workdir", os.fspath(workdir), "a workdir no other fmcejax run is using",
-        f"It is in use by {owner or 'another run'}; wait for that run to finish or use another "
-        "--workdir.")
+      "workdir",
+      os.fspath(workdir),
+      "a workdir no other fmcejax run is using",
+      f"It is in use by {owner or 'another run'}; wait for that run to finish or use another "
+      "--workdir.",
+    )
   if handle is None:
     return None
   handle.seek(0)

@@ -38,10 +38,16 @@ def bench_figures(bench: dict[str, Any]) -> dict[str, Any]:
   """Per variant: JAX img/s and MFU, JAX over torch eager and torch.compile; RAL overhead."""
   out: dict[str, Any] = {"ral_over_baseline": bench["ratios"]["ral_over_baseline_step_time"]}
   for variant, figures in bench["results"]["jax"].items():
-    out[variant] = {"images_per_second": figures.get("images_per_second"),
-                    "mfu": figures.get("mfu"),
-                    **{f"jax_over_{fw}": bench["ratios"].get(f"jax_over_{fw}_{variant}", {}).get(
-                        "images_per_second") for fw in ("torch_eager", "torch_compile")}}
+    out[variant] = {
+      "images_per_second": figures.get("images_per_second"),
+      "mfu": figures.get("mfu"),
+      **{
+        f"jax_over_{fw}": bench["ratios"]
+        .get(f"jax_over_{fw}_{variant}", {})
+        .get("images_per_second")
+        for fw in ("torch_eager", "torch_compile")
+      },
+    }
   return out
 
 
@@ -61,10 +67,14 @@ def headline_minutes(bench: dict[str, Any] | None) -> float | None:
   rate = {v: bench["results"]["jax"][v].get("images_per_second") for v in ("baseline", "ral")}
   if not all(rate.values()):
     return None
-  runs = len(config_lib.parse_seeds(c.seeds)) * c.epochs * input_pipeline.num_examples(
-      datasets.DATASET_INFO[c.dataset], "train", c.train_examples_limit)
+  runs = (
+    len(config_lib.parse_seeds(c.seeds))
+    * c.epochs
+    * input_pipeline.num_examples(datasets.DATASET_INFO[c.dataset], "train", c.train_examples_limit)
+  )
   probe = c.probe.epochs * input_pipeline.num_examples(
-      datasets.DATASET_INFO[c.dataset], "train", c.probe.train_examples_limit)
+    datasets.DATASET_INFO[c.dataset], "train", c.probe.train_examples_limit
+  )
   return ((probe + runs) / rate["baseline"] + runs / rate["ral"]) / 60
 
 
@@ -86,16 +96,24 @@ def main(argv: list[str]) -> int:
   (args.out / "train.json").write_text(json.dumps(train, indent=2))
   figures: dict[str, Any] = {name: bench_figures(b) for name, b in benches.items() if b}
   if loop:
-    figures["loop"] = {"ceiling": {b: e["ceiling"] for b, e in loop["loop"].items()},
-                       "goal": loop["goal"]}
+    figures["loop"] = {
+      "ceiling": {b: e["ceiling"] for b, e in loop["loop"].items()},
+      "goal": loop["goal"],
+    }
   figures["headline_pipeline_minutes"] = headline_minutes(benches.get("resnet50"))
   if train["report"]:
     figures["train"] = {k: train["report"].get(k) for k in ("gain_pp_mean",)}
     figures["train"]["baseline_test_accuracy"] = (train["baseline"] or {}).get("test_accuracy")
   environment = (next(iter(benches.values()), None) or loop or {}).get("environment")
-  result = {"mode": "tiny" if args.tiny else "gpu", "gpu": _gpu(), "environment": environment,
-            "steps": steps, "seconds": sum(s["seconds"] for s in steps.values()),
-            "figures": figures, "ok": all(s["status"] == 0 for s in steps.values())}
+  result = {
+    "mode": "tiny" if args.tiny else "gpu",
+    "gpu": _gpu(),
+    "environment": environment,
+    "steps": steps,
+    "seconds": sum(s["seconds"] for s in steps.values()),
+    "figures": figures,
+    "ok": all(s["status"] == 0 for s in steps.values()),
+  }
   (args.out / "acceptance.json").write_text(json.dumps(result, indent=2))
   print(json.dumps({k: result[k] for k in ("mode", "gpu", "steps", "seconds", "ok")}, indent=2))
   print(json.dumps(figures, indent=2))

@@ -23,6 +23,7 @@ def mnist_tfds(tmp_path_factory) -> str:
   if not (SHARED_DATA / "mnist").exists():
     pytest.skip(f"real MNIST archives not found in {SHARED_DATA}")
   from fmcejax import datasets
+
   tfds_dir = str(tmp_path_factory.mktemp("tfds"))
   datasets.prepare("mnist", str(SHARED_DATA), tfds_dir, download=False)
   return tfds_dir

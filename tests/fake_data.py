@@ -29,8 +29,9 @@ def write_idx(path: pathlib.Path, array: np.ndarray, magic: int) -> None:
     f.write(header + array.astype(np.uint8).tobytes())
 
 
-def write_fake_idx(directory: pathlib.Path, n_train: int = N_TRAIN,
-                   n_test: int = N_TEST) -> pathlib.Path:
+def write_fake_idx(
+  directory: pathlib.Path, n_train: int = N_TRAIN, n_test: int = N_TEST
+) -> pathlib.Path:
   directory.mkdir(parents=True, exist_ok=True)
   for split, n in (("train", n_train), ("test", n_test)):
     ids = np.arange(n)
@@ -56,7 +57,8 @@ def write_fake_cifar_jpeg(path: pathlib.Path, per_class: dict[str, int]) -> dict
         for i in range(count):
           buffer = io.BytesIO()
           PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(
-              buffer, format="JPEG", quality=75)
+            buffer, format="JPEG", quality=75
+          )
           data = buffer.getvalue()
           member = tarfile.TarInfo(f"{split}/{name}/{i:04d}.jpg")
           member.size = len(data)
@@ -69,14 +71,20 @@ def cifar_data(dataset: str, seed: int = 0):
   """({split: (images uint8 [N, 32, 32, 3], {label key: labels})}, {label key: names})."""
   rng = np.random.default_rng(seed)
   counts = {"label": 10} if dataset == "cifar10" else {"coarse_label": 20, "label": 100}
-  splits = {split: (rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
-                    {key: rng.integers(0, c, n).astype(np.uint8) for key, c in counts.items()})
-            for split, n in (("train", CIFAR_TRAIN), ("test", CIFAR_TEST))}
+  splits = {
+    split: (
+      rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
+      {key: rng.integers(0, c, n).astype(np.uint8) for key, c in counts.items()},
+    )
+    for split, n in (("train", CIFAR_TRAIN), ("test", CIFAR_TEST))
+  }
   if dataset == "cifar10":
     names = {"label": list(archives.CIFAR10_CLASSES)}
   else:
-    names = {"coarse_label": [f"super_{i}" for i in range(20)],
-             "label": [f"class_{i}" for i in range(100)]}
+    names = {
+      "coarse_label": [f"super_{i}" for i in range(20)],
+      "label": [f"class_{i}" for i in range(100)],
+    }
   return splits, names
 
 
@@ -113,8 +121,11 @@ def cifar_archive(archive: str, data) -> bytes:
         rows = np.concatenate([np.stack([labels[k][part] for k in keys], 1), planar[part]], 1)
         members[f"{top}/{member}"] = rows.astype(np.uint8).tobytes()
       else:
-        batch = {b"batch_label": f"{split} batch".encode(), b"data": planar[part],
-                 b"filenames": [f"{i}.png".encode() for i in range(part.start, part.stop)]}
+        batch = {
+          b"batch_label": f"{split} batch".encode(),
+          b"data": planar[part],
+          b"filenames": [f"{i}.png".encode() for i in range(part.start, part.stop)],
+        }
         if archive.startswith("cifar-10-"):
           batch[b"labels"] = [int(v) for v in labels["label"][part]]
         else:
@@ -126,12 +137,19 @@ def cifar_archive(archive: str, data) -> bytes:
       members[f"{top}/{member}"] = ("\n".join(names[key]) + "\n\n").encode()
   elif archive.startswith("cifar-10-"):
     members[f"{top}/batches.meta"] = _pickle(
-        {b"num_cases_per_batch": 10, b"label_names": [n.encode() for n in names["label"]],
-         b"num_vis": 3072})
+      {
+        b"num_cases_per_batch": 10,
+        b"label_names": [n.encode() for n in names["label"]],
+        b"num_vis": 3072,
+      }
+    )
   else:
     members[f"{top}/meta"] = _pickle(
-        {b"fine_label_names": [n.encode() for n in names["label"]],
-         b"coarse_label_names": [n.encode() for n in names["coarse_label"]]})
+      {
+        b"fine_label_names": [n.encode() for n in names["label"]],
+        b"coarse_label_names": [n.encode() for n in names["coarse_label"]],
+      }
+    )
   members[f"{top}/readme.html"] = b"<html>synthetic</html>"
   return _tar_gz(members)
 

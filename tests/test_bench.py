@@ -20,10 +20,28 @@ def _positive(value):
 
 def test_bench_writes_the_json_it_prints(tmp_path, capsys):
   path = tmp_path / "bench.json"
-  returned = bench.main(["--backbone", "cnn", "--batch_size", "16", "--steps", "3",
-                         "--warmup", "1", "--rounds", "2", "--torch", TORCH,
-                         "--pipeline_batches", "5", "--input_workers", "0,1",
-                         "--json", str(path)])
+  returned = bench.main(
+    [
+      "--backbone",
+      "cnn",
+      "--batch_size",
+      "16",
+      "--steps",
+      "3",
+      "--warmup",
+      "1",
+      "--rounds",
+      "2",
+      "--torch",
+      TORCH,
+      "--pipeline_batches",
+      "5",
+      "--input_workers",
+      "0,1",
+      "--json",
+      str(path),
+    ]
+  )
   result = json.loads(path.read_text())
   assert result == json.loads(json.dumps(returned))
   assert set(result) == {"config", "environment", "flops", "results", "ratios", "input_pipeline"}
@@ -49,20 +67,37 @@ def test_bench_writes_the_json_it_prints(tmp_path, capsys):
   assert set(pipeline["images_per_second_by_workers"]) == {"0", "1"}
   assert all(_positive(v) for v in pipeline["images_per_second_by_workers"].values())
   assert pipeline["images_per_second"] == max(pipeline["images_per_second_by_workers"].values())
-  assert pipeline["images_per_second"] == pipeline["images_per_second_by_workers"][
-      str(pipeline["workers"])]
+  assert (
+    pipeline["images_per_second"]
+    == pipeline["images_per_second_by_workers"][str(pipeline["workers"])]
+  )
   assert _positive(pipeline["over_jax_baseline"])
   table = capsys.readouterr().out
   assert "RAL / baseline step time" in table and "torch_compile" not in table
 
 
 def test_xla_defaults_times_the_same_steps_without_our_compiler_options(capsys):
-  result = bench.main(["--backbone", "cnn", "--batch_size", "8", "--steps", "2", "--warmup", "0",
-                       "--rounds", "1", "--torch", "none", "--xla_defaults",
-                       "--pipeline_batches", "2"])
+  result = bench.main(
+    [
+      "--backbone",
+      "cnn",
+      "--batch_size",
+      "8",
+      "--steps",
+      "2",
+      "--warmup",
+      "0",
+      "--rounds",
+      "1",
+      "--torch",
+      "none",
+      "--xla_defaults",
+      "--pipeline_batches",
+      "2",
+    ]
+  )
   assert list(result["results"]) == ["jax", "jax_xla_defaults"]
-  assert result["config"]["xla_compiler_options"] == parallel.compiler_options(
-      parallel.make_mesh())
+  assert result["config"]["xla_compiler_options"] == parallel.compiler_options(parallel.make_mesh())
   for variant in bench.VARIANTS:
     ratio = result["ratios"][f"jax_over_jax_xla_defaults_{variant}"]["images_per_second"]
     assert _positive(ratio)
@@ -78,18 +113,26 @@ def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
 
   monkeypatch.setattr(torch, "compile", broken)
   args = bench.parse_args(["--batch_size", "8", "--warmup", "0", "--torch", "compile"])
+
   def ones(module, shape):  # only the shapes matter here; eval_shape avoids compiling
-    abstract = jax.eval_shape(lambda: module.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+    abstract = jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
+    )
     return jax.tree.map(lambda s: np.ones(s.shape, np.float32), abstract)
 
   head = models.FMCENet(bench.NUM_PHASES, bench.HEAD_WIDTH, bench.HEAD_DEPTH)
-  host = {"backbone": ones(models.create_backbone("cnn", 10), (28, 28, 1)), "module": "conv3",
-          "feature_shape": (7, 7, 64), "head": ones(head, (7, 7, 64))}
+  host = {
+    "backbone": ones(models.create_backbone("cnn", 10), (28, 28, 1)),
+    "module": "conv3",
+    "feature_shape": (7, 7, 64),
+    "head": ones(head, (7, 7, 64)),
+  }
   batch = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros(8, np.int32)}
   contenders = bench._torch_contenders(args, host, batch, (0.5,), (0.25,), ("compile",))
   assert [(c.framework, c.variant) for c in contenders] == [
-      ("torch_compile", "baseline"), ("torch_compile", "ral")]
+    ("torch_compile", "baseline"),
+    ("torch_compile", "ral"),
+  ]
   for c in contenders:
     assert c.run is None
     assert c.figures["error"] == "RuntimeError: no C++ compiler found"
@@ -101,19 +144,35 @@ def test_rejects_a_batch_that_does_not_split_over_the_devices():
 
 
 def test_table_shows_failures_and_missing_figures():
-  figures = {"first_step_s": 2.0, "step_s": 0.01, "images_per_second": 1600.0,
-             "peak_bytes": None, "mfu": None}
+  figures = {
+    "first_step_s": 2.0,
+    "step_s": 0.01,
+    "images_per_second": 1600.0,
+    "peak_bytes": None,
+    "mfu": None,
+  }
   result = {
-      "config": {"backbone": "cnn", "image_shape": [28, 28, 1], "batch_size": 16,
-                 "dtype": "float32"},
-      "environment": {"device_count": 1, "device_kind": "cpu",
-                      "load_average_start": [1.0, 1.0, 1.0], "load_average_end": [2.0, 1.0, 1.0]},
-      "results": {"jax": {"baseline": figures},
-                  "torch_compile": {"baseline": {"error": "RuntimeError: boom"}}},
-      "ratios": {"ral_over_baseline_step_time": {"jax": None},
-                 "jax_over_torch_compile_baseline": {"images_per_second": None}},
-      "input_pipeline": {"images_per_second": 3200.0, "over_jax_baseline": 2.0, "workers": 2,
-                         "images_per_second_by_workers": {"0": 1500.0, "2": 3200.0}},
+    "config": {"backbone": "cnn", "image_shape": [28, 28, 1], "batch_size": 16, "dtype": "float32"},
+    "environment": {
+      "device_count": 1,
+      "device_kind": "cpu",
+      "load_average_start": [1.0, 1.0, 1.0],
+      "load_average_end": [2.0, 1.0, 1.0],
+    },
+    "results": {
+      "jax": {"baseline": figures},
+      "torch_compile": {"baseline": {"error": "RuntimeError: boom"}},
+    },
+    "ratios": {
+      "ral_over_baseline_step_time": {"jax": None},
+      "jax_over_torch_compile_baseline": {"images_per_second": None},
+    },
+    "input_pipeline": {
+      "images_per_second": 3200.0,
+      "over_jax_baseline": 2.0,
+      "workers": 2,
+      "images_per_second_by_workers": {"0": 1500.0, "2": 3200.0},
+    },
   }
   table = bench.format_table(result)
   assert "failed: RuntimeError: boom" in table
@@ -131,10 +190,32 @@ def test_peak_flops_lookup():
 
 def test_bench_loop_writes_consistent_figures(tmp_path, capsys):
   path = tmp_path / "loop.json"
-  returned = bench_loop.main(["--batch_sizes", "16,32", "--examples", "128", "--epochs", "2",
-                              "--rounds", "1", "--step_repeats", "3", "--scan", "2",
-                              "--required", "cnn", "--goal_backbone", "cnn",
-                              "--required_batch", "16", "--mfu", "0.4", "--json", str(path)])
+  returned = bench_loop.main(
+    [
+      "--batch_sizes",
+      "16,32",
+      "--examples",
+      "128",
+      "--epochs",
+      "2",
+      "--rounds",
+      "1",
+      "--step_repeats",
+      "3",
+      "--scan",
+      "2",
+      "--required",
+      "cnn",
+      "--goal_backbone",
+      "cnn",
+      "--required_batch",
+      "16",
+      "--mfu",
+      "0.4",
+      "--json",
+      str(path),
+    ]
+  )
   result = json.loads(path.read_text())
   assert result == json.loads(json.dumps(returned))
   assert set(result) == {"config", "environment", "loop", "required", "goal"}
@@ -145,8 +226,7 @@ def test_bench_loop_writes_consistent_figures(tmp_path, capsys):
     for path_name in ("host", "device"):
       f = entry[path_name]
       assert f["steps"] == 2 * (128 // b)
-      for key in ("images_per_second", "steps_per_second", "ms_per_step",
-                  "wall_images_per_second"):
+      for key in ("images_per_second", "steps_per_second", "ms_per_step", "wall_images_per_second"):
         assert _positive(f[key]), (b, path_name, key)
       assert f["images_per_second"] == pytest.approx(f["steps_per_second"] * b)
       assert f["ms_per_step"] == pytest.approx(1e3 / f["steps_per_second"])

@@ -10,8 +10,18 @@ from fmcejax.configs import default
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default"))
-REQUIRED = ("dataset", "backbone", "stages", "epochs", "batch_size", "seeds", "alpha", "data_dir",
-            "train_examples_limit", "dtype")
+REQUIRED = (
+  "dataset",
+  "backbone",
+  "stages",
+  "epochs",
+  "batch_size",
+  "seeds",
+  "alpha",
+  "data_dir",
+  "train_examples_limit",
+  "dtype",
+)
 
 
 def _load(path):
@@ -23,8 +33,14 @@ def _load(path):
 
 def test_the_issue_configs_exist():
   names = {p.stem for p in CONFIGS}
-  assert {"mnist_cnn", "fashion_mnist_cnn", "mnist_resnet18", "cifar10_resnet18",
-          "cifar10_resnet50", "cifar100_shufflenet_v2"} <= names
+  assert {
+    "mnist_cnn",
+    "fashion_mnist_cnn",
+    "mnist_resnet18",
+    "cifar10_resnet18",
+    "cifar10_resnet50",
+    "cifar100_shufflenet_v2",
+  } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -41,7 +57,9 @@ def test_input_workers_are_auto_or_a_count():
   assert config_lib.parse_input_workers("auto", "gpu", 16) == 8
   assert config_lib.parse_input_workers("auto", "tpu", 240) == 8
   assert config_lib.parse_input_workers("auto", "gpu", 4) == 2
-  assert config_lib.parse_input_workers("auto", "gpu", 2) == 0  # Colab-sized: 1 worker would not pay
+  assert (
+    config_lib.parse_input_workers("auto", "gpu", 2) == 0
+  )  # Colab-sized: 1 worker would not pay
   assert config_lib.parse_input_workers("3", "cpu", 2) == 3
   assert config_lib.parse_input_workers(0, "gpu", 16) == 0
   for bad in ("-1", "x", 2.5, ""):
@@ -61,6 +79,7 @@ def test_seeds_accept_a_count_or_a_list():
 
 def test_the_shipped_configs_are_the_files_in_configs():
   from fmcejax import train
+
   shipped = train.shipped_configs()
   assert set(shipped) == {p.stem for p in CONFIGS}
   assert _load(Path(shipped["cifar10_resnet50"])).backbone == "resnet50"
@@ -69,8 +88,11 @@ def test_the_shipped_configs_are_the_files_in_configs():
 def test_every_schema_field_is_commented_or_documented():
   """configs/default.py is the schema: each field says what it is, on its line or just above."""
   lines = (CONFIG_DIR / "default.py").read_text().splitlines()
-  fields = [i for i, line in enumerate(lines) if line.strip().startswith("c.") and " = " in line
-            and "ConfigDict()" not in line]
+  fields = [
+    i
+    for i, line in enumerate(lines)
+    if line.strip().startswith("c.") and " = " in line and "ConfigDict()" not in line
+  ]
   assert len(fields) > 40
   for i in fields:
     assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), lines[i]

@@ -62,6 +62,7 @@ def loopback_only():
 def no_download(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("tried to download")
+
   monkeypatch.setattr(tfds.download.DownloadManager, "download", refuse)
 
 
@@ -77,7 +78,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.send_response(200)
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
-    self.wfile.write(body[:self.server.cut.get(self.path, len(body))])
+    self.wfile.write(body[: self.server.cut.get(self.path, len(body))])
     self.close_connection = True
 
   def log_message(self, *args):
@@ -98,8 +99,9 @@ def server():
 
 
 def _url_info(name: str, data: bytes) -> tfds_checksums.UrlInfo:
-  return tfds_checksums.UrlInfo(size=tfds_utils.Size(len(data)), checksum=fake_data.sha256(data),
-                                filename=name)
+  return tfds_checksums.UrlInfo(
+    size=tfds_utils.Size(len(data)), checksum=fake_data.sha256(data), filename=name
+  )
 
 
 def point(monkeypatch, dataset: str, urls: dict[str, str], files: dict[str, bytes]) -> None:
@@ -108,8 +110,11 @@ def point(monkeypatch, dataset: str, urls: dict[str, str], files: dict[str, byte
   builder = datasets._BUILDERS[dataset]
   if dataset in CIFAR_BINARY:
     (url,) = urls.values()
-    monkeypatch.setattr(builder, "_cifar_info", property(
-        lambda self: super(builder, self)._cifar_info._replace(url=url)))
+    monkeypatch.setattr(
+      builder,
+      "_cifar_info",
+      property(lambda self: super(builder, self)._cifar_info._replace(url=url)),
+    )
   else:
     base = {url.rsplit("/", 1)[0] + "/" for url in urls.values()}
     monkeypatch.setattr(builder, "URL", base.pop())
@@ -145,8 +150,11 @@ def check_prepared(dataset: str, tfds_data_dir: str, expected) -> None:
   for split in ("train", "test"):
     examples = read_all(dataset, split, tfds_data_dir)
     images = np.stack([e["image"] for e in examples])
-    labels = {key: np.array([e[key] for e in examples]) for key in ("label", "coarse_label")
-              if key in examples[0]}
+    labels = {
+      key: np.array([e[key] for e in examples])
+      for key in ("label", "coarse_label")
+      if key in examples[0]
+    }
     if expected is None:  # IDX: image i is filled with 3 * i, label i % 10
       n = N_TRAIN if split == "train" else N_TEST
       assert images.shape == (n, 28, 28, 1) and images.dtype == np.uint8
@@ -190,6 +198,7 @@ def downloads(server, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Offline preparation
 
+
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
   root = tmp_path_factory.mktemp("mnist")
@@ -201,16 +210,18 @@ def mnist(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
   root = tmp_path_factory.mktemp("cifar")
-  pixels = fake_data.write_fake_cifar_jpeg(root / datasets.CIFAR10_JPEG_ARCHIVE,
-                                           {"train": 3, "test": 2})
+  pixels = fake_data.write_fake_cifar_jpeg(
+    root / datasets.CIFAR10_JPEG_ARCHIVE, {"train": 3, "test": 2}
+  )
   tfds_dir = str(root / "tfds")
   return datasets.prepare("cifar10_jpeg", str(root), tfds_dir), tfds_dir, pixels
 
 
 def test_prepare_info_and_idempotent(mnist, tmp_path, no_download):
   info, tfds_dir = mnist
-  assert info == dataclasses.replace(datasets.DATASET_INFO["mnist"], num_train=N_TRAIN,
-                                     num_test=N_TEST)
+  assert info == dataclasses.replace(
+    datasets.DATASET_INFO["mnist"], num_train=N_TRAIN, num_test=N_TEST
+  )
   assert datasets.is_prepared("mnist", tfds_dir)
   assert datasets.check_available("mnist", str(tmp_path / "nowhere"), tfds_dir) is None
   # Prepared data is reused without looking at any archive.
@@ -220,17 +231,24 @@ def test_prepare_info_and_idempotent(mnist, tmp_path, no_download):
 
 def test_cifar10_jpeg_keeps_original_jpeg_bytes(cifar):
   info, tfds_dir, pixels = cifar
-  assert (info.num_train, info.num_test, info.image_shape, info.num_classes) == (30, 20,
-                                                                                 (32, 32, 3), 10)
+  assert (info.num_train, info.num_test, info.image_shape, info.num_classes) == (
+    30,
+    20,
+    (32, 32, 3),
+    10,
+  )
   assert info.augment and "JPEG" in info.note
   assert tfds.builder("cifar10_jpeg", data_dir=tfds_dir).info.features["label"].names == list(
-      datasets.CIFAR10_CLASSES)
+    datasets.CIFAR10_CLASSES
+  )
   loaded = {}
   for split, n in (("train", 30), ("test", 20)):
-    arrays = input_pipeline.load_arrays(info, split=split, indices=np.arange(n),
-                                        tfds_data_dir=tfds_dir)
-    loaded.update((image.tobytes(), int(label))
-                  for image, label in zip(arrays["image"], arrays["label"]))
+    arrays = input_pipeline.load_arrays(
+      info, split=split, indices=np.arange(n), tfds_data_dir=tfds_dir
+    )
+    loaded.update(
+      (image.tobytes(), int(label)) for image, label in zip(arrays["image"], arrays["label"])
+    )
   # Same pixels as decoding the archive's JPEGs: a second (lossy) encode would change them.
   assert loaded == pixels
 
@@ -243,8 +261,10 @@ def test_fashion_mnist_from_search_list(tmp_path, monkeypatch, no_download):
   assert datasets.find_archives("fashion_mnist", "") == debian
   info = datasets.prepare("fashion_mnist", "", str(tmp_path / "tfds"))
   assert (info.name, info.num_train, info.num_test) == ("fashion_mnist", N_TRAIN, N_TEST)
-  assert tfds.builder("fashion_mnist", data_dir=str(tmp_path / "tfds")).info.features[
-      "label"].names[0] == "T-shirt/top"
+  assert (
+    tfds.builder("fashion_mnist", data_dir=str(tmp_path / "tfds")).info.features["label"].names[0]
+    == "T-shirt/top"
+  )
 
 
 def test_search_order(tmp_path, monkeypatch):
@@ -261,21 +281,27 @@ def test_search_order(tmp_path, monkeypatch):
   # CIFAR: <root>/<archive> before <root>/<dataset>/<archive>, the binary before the python one.
   (tmp_path / "c" / "cifar10").mkdir(parents=True)
   root = tmp_path / "c"
-  for path in (root / "cifar10" / "cifar-10-binary.tar.gz", root / "cifar-10-python.tar.gz",
-               root / "cifar-10-binary.tar.gz"):
+  for path in (
+    root / "cifar10" / "cifar-10-binary.tar.gz",
+    root / "cifar-10-python.tar.gz",
+    root / "cifar-10-binary.tar.gz",
+  ):
     path.write_bytes(b"")
     assert datasets.find_archives("cifar10", str(root)) == path
   assert datasets.find_archives("cifar100", str(root)) is None
 
 
-@pytest.mark.parametrize("damage, culprit", [
+@pytest.mark.parametrize(
+  "damage, culprit",
+  [
     ("truncate", "train-images-idx3-ubyte.gz"),
     ("not_gzip", "t10k-labels-idx1-ubyte.gz"),
     ("bad_magic", "train-labels-idx1-ubyte.gz"),
     ("bad_shape", "t10k-images-idx3-ubyte.gz"),
     ("count_mismatch", "train-images-idx3-ubyte.gz"),
     ("label_range", "train-labels-idx1-ubyte.gz"),
-])
+  ],
+)
 def test_corrupt_archive_names_the_file(tmp_path, damage, culprit, no_download):
   directory = write_fake_idx(tmp_path / "data" / "mnist")
   path = directory / culprit
@@ -342,9 +368,17 @@ def test_missing_data_says_where_to_put_files(tmp_path, monkeypatch):
   assert e.value.field == "data_dir"
   message = str(e.value)
   # All three ways: where it would be prepared, where archives were looked for, the download.
-  for needle in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "<data_dir>/mnist/",
-                 str(tmp_path / "env" / "mnist"), "$FMCEJAX_DATA_DIR", "tfds build mnist",
-                 tfds_dir, "download=False", "download=True"):
+  for needle in (
+    "train-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+    "<data_dir>/mnist/",
+    str(tmp_path / "env" / "mnist"),
+    "$FMCEJAX_DATA_DIR",
+    "tfds build mnist",
+    tfds_dir,
+    "download=False",
+    "download=True",
+  ):
     assert needle in message
   with pytest.raises(datasets.DataError, match="apt-get install dataset-fashion-mnist"):
     datasets.check_available("fashion_mnist", "", tfds_dir, download=False)
@@ -364,8 +398,15 @@ def test_missing_data_says_where_to_put_files(tmp_path, monkeypatch):
   assert not (pathlib.Path(tfds_dir) / "downloads").exists()
 
 
-@pytest.mark.parametrize("archive", ["cifar-10-binary.tar.gz", "cifar-10-python.tar.gz",
-                                     "cifar-100-binary.tar.gz", "cifar-100-python.tar.gz"])
+@pytest.mark.parametrize(
+  "archive",
+  [
+    "cifar-10-binary.tar.gz",
+    "cifar-10-python.tar.gz",
+    "cifar-100-binary.tar.gz",
+    "cifar-100-python.tar.gz",
+  ],
+)
 def test_official_cifar_archives_offline(tmp_path, monkeypatch, no_download, archive):
   dataset = "cifar10" if archive.startswith("cifar-10-") else "cifar100"
   data = fake_data.cifar_data(dataset, seed=len(archive))
@@ -415,17 +456,20 @@ def test_corrupt_cifar_archive_names_the_file(tmp_path, monkeypatch, archive):
 # ---------------------------------------------------------------------------------------------
 # Downloads through tfds's download manager
 
+
 @pytest.mark.parametrize("dataset", datasets.DOWNLOADABLE)
 def test_builders_are_tfds_builders_with_the_official_sources(tmp_path, dataset):
   ours = datasets._BUILDERS[dataset](data_dir=str(tmp_path))
   theirs = tfds.builder(dataset, data_dir=str(tmp_path))
   # tfds's builder stays the catalogue entry; ours writes what it reads.
-  assert type(theirs).__module__.startswith("tensorflow_datasets.") and isinstance(ours,
-                                                                                  type(theirs))
+  assert type(theirs).__module__.startswith("tensorflow_datasets.") and isinstance(
+    ours, type(theirs)
+  )
   assert (ours.name, ours.version, ours.data_dir) == (theirs.name, theirs.version, theirs.data_dir)
   assert repr(ours.info.features) == repr(theirs.info.features)
   registered = tfds_checksums.load_url_infos(
-      tfds_utils.tfds_path() / "url_checksums" / f"{dataset}.txt")
+    tfds_utils.tfds_path() / "url_checksums" / f"{dataset}.txt"
+  )
   assert ours.url_infos == registered
   if dataset in CIFAR_BINARY:
     assert set(registered) == {ours._cifar_info.url}
@@ -438,8 +482,9 @@ def test_download_prepares_a_standard_tfds_dataset(downloads, server, tmp_path, 
   info, tfds_dir, expected, urls = downloads(dataset)
   n_train = N_TRAIN if expected is None else fake_data.CIFAR_TRAIN
   n_test = N_TEST if expected is None else fake_data.CIFAR_TEST
-  assert info == dataclasses.replace(datasets.DATASET_INFO[dataset], num_train=n_train,
-                                     num_test=n_test)
+  assert info == dataclasses.replace(
+    datasets.DATASET_INFO[dataset], num_train=n_train, num_test=n_test
+  )
   version = tfds.builder(dataset, data_dir=tfds_dir).version
   assert (pathlib.Path(tfds_dir) / dataset / str(version)).is_dir()
   check_prepared(dataset, tfds_dir, expected)
@@ -457,8 +502,9 @@ def test_download_prepares_a_standard_tfds_dataset(downloads, server, tmp_path, 
 
 
 @pytest.mark.parametrize("fault", ["checksum", "truncated", "http_404", "no_connection"])
-def test_failed_download_is_one_clear_error_and_a_rerun_retries(server, tmp_path, monkeypatch,
-                                                                 fault):
+def test_failed_download_is_one_clear_error_and_a_rerun_retries(
+  server, tmp_path, monkeypatch, fault
+):
   dataset, name = "cifar10", CIFAR_BINARY["cifar10"]
   good = fake_data.cifar_archive(name, fake_data.cifar_data(dataset))
   path = f"/{fault}/{name}"
@@ -483,13 +529,22 @@ def test_failed_download_is_one_clear_error_and_a_rerun_retries(server, tmp_path
     datasets.prepare(dataset, str(tmp_path / "empty"), str(tfds_dir))
   message = str(e.value)
   assert (e.value.field, e.value.value) == ("download", url)
-  for needle in (url, str(tfds_dir / "downloads" / dataset), str(tfds_dir / dataset / "3.0.2"),
-                 str(tmp_path / "empty" / name), "<data_dir>/cifar10/", "the same command again"):
+  for needle in (
+    url,
+    str(tfds_dir / "downloads" / dataset),
+    str(tfds_dir / dataset / "3.0.2"),
+    str(tmp_path / "empty" / name),
+    "<data_dir>/cifar10/",
+    "the same command again",
+  ):
     assert needle in message, (needle, message)
   assert not datasets.is_prepared(dataset, str(tfds_dir))
   assert not (tfds_dir / dataset / "3.0.2").exists()
-  left = [p.name for p in (tfds_dir / "downloads" / dataset).glob("*")] if (
-      tfds_dir / "downloads" / dataset).exists() else []
+  left = (
+    [p.name for p in (tfds_dir / "downloads" / dataset).glob("*")]
+    if (tfds_dir / "downloads" / dataset).exists()
+    else []
+  )
   assert left == [], "a failed download must not stay in the download dir"
   # Once the right file is there, the same call succeeds.
   server.files[path], server.cut[path] = good, len(good)
@@ -516,13 +571,29 @@ def test_cli_probe_stage_on_downloaded_cifar10(downloads, tmp_path):
   _, tfds_dir, _, _ = downloads("cifar10")
   workdir = tmp_path / "w"
   result = subprocess.run(
-      [sys.executable, "-m", "fmcejax.train", f"--workdir={workdir}", "--config.dataset=cifar10",
-       "--config.backbone=cnn", "--config.stages=probe", "--config.seeds=1",
-       "--config.probe.epochs=1", "--config.batch_size=16", "--config.eval_batch_size=16",
-       "--config.progress_bar=False", f"--config.tfds_data_dir={tfds_dir}",
-       "--config.download=False", f"--config.data_dir={tmp_path / 'none'}"],
-      cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-      timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "fmcejax.train",
+      f"--workdir={workdir}",
+      "--config.dataset=cifar10",
+      "--config.backbone=cnn",
+      "--config.stages=probe",
+      "--config.seeds=1",
+      "--config.probe.epochs=1",
+      "--config.batch_size=16",
+      "--config.eval_batch_size=16",
+      "--config.progress_bar=False",
+      f"--config.tfds_data_dir={tfds_dir}",
+      "--config.download=False",
+      f"--config.data_dir={tmp_path / 'none'}",
+    ],
+    cwd=REPO,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   probe = json.loads((workdir / "probe" / "metrics.json").read_text())
   assert len(probe["losses"]) == 1 and np.isfinite(probe["losses"][0])
@@ -533,11 +604,21 @@ def test_cli_failed_download_exits_2_naming_the_url(tmp_path, server):
   404 from 127.0.0.1: one clear error, exit status 2, nothing prepared."""
   before = len(server.requests)
   result = subprocess.run(
-      [sys.executable, "-m", "fmcejax.train", f"--workdir={tmp_path / 'w'}",
-       "--config.dataset=fashion_mnist", f"--config.tfds_data_dir={tmp_path / 'tfds'}",
-       f"--config.data_dir={tmp_path / 'none'}"],
-      cwd=REPO, env={**os.environ, "HTTP_PROXY": server.url(""), "NO_PROXY": ""},
-      capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "fmcejax.train",
+      f"--workdir={tmp_path / 'w'}",
+      "--config.dataset=fashion_mnist",
+      f"--config.tfds_data_dir={tmp_path / 'tfds'}",
+      f"--config.data_dir={tmp_path / 'none'}",
+    ],
+    cwd=REPO,
+    env={**os.environ, "HTTP_PROXY": server.url(""), "NO_PROXY": ""},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   url = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz"
   assert server.requests[before:] == [url]
@@ -547,8 +628,7 @@ def test_cli_failed_download_exits_2_naming_the_url(tmp_path, server):
 
 
 @pytest.mark.slow
-def test_real_fashion_mnist_through_the_official_url_and_checksums(tmp_path, server,
-                                                                   monkeypatch):
+def test_real_fashion_mnist_through_the_official_url_and_checksums(tmp_path, server, monkeypatch):
   """Nothing patched but the network: tfds's own URL, answered through HTTP_PROXY with the
   official files, checked against tfds's registered checksums."""
   if not (SHARED_DATA / "fashion_mnist").is_dir():
@@ -560,8 +640,9 @@ def test_real_fashion_mnist_through_the_official_url_and_checksums(tmp_path, ser
   monkeypatch.setenv("NO_PROXY", "")
   info = datasets.prepare("fashion_mnist", str(tmp_path / "none"), str(tmp_path / "tfds"))
   assert (info.num_train, info.num_test) == (60000, 10000)
-  labels = input_pipeline.load_arrays(info, split="test", indices=np.arange(10000),
-                                      tfds_data_dir=str(tmp_path / "tfds"))["label"]
+  labels = input_pipeline.load_arrays(
+    info, split="test", indices=np.arange(10000), tfds_data_dir=str(tmp_path / "tfds")
+  )["label"]
   assert np.bincount(labels).tolist() == [1000] * 10
 
 

@@ -16,19 +16,22 @@ import pytest
 
 from fmcejax import bench_loop, datasets, device_input, input_pipeline, parallel, steps, trainer
 
-N, BATCH = 100, 16          # 6 steps per epoch, 96 of the 100 examples used
+N, BATCH = 100, 16  # 6 steps per epoch, 96 of the 100 examples used
 
 
 def _arrays(n=N, shape=(8, 8, 1)):
   """Image i holds i everywhere (so a row tells its example), label i % 10."""
   ids = np.arange(n)
-  return {"image": np.broadcast_to((ids % 256)[:, None, None, None], (n, *shape)).astype(np.uint8),
-          "label": (ids % 10).astype(np.int32)}
+  return {
+    "image": np.broadcast_to((ids % 256)[:, None, None, None], (n, *shape)).astype(np.uint8),
+    "label": (ids % 10).astype(np.int32),
+  }
 
 
 def _batches(mesh, epochs=2, seed=3, augment=False, arrays=None):
-  return device_input.train_batches(arrays or _arrays(), global_batch=BATCH, epochs=epochs,
-                                    seed=seed, mesh=mesh, augment=augment)
+  return device_input.train_batches(
+    arrays or _arrays(), global_batch=BATCH, epochs=epochs, seed=seed, mesh=mesh, augment=augment
+  )
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,8 @@ def test_batch_k_is_a_pure_function_of_seed_and_k(mesh, augment):
     chex.assert_trees_all_equal(resumed, all_batches[start])
   other_seed = _host(next(_batches(mesh, seed=4, augment=augment, arrays=arrays).iterator(0)))
   assert not np.array_equal(other_seed["label"], all_batches[0]["label"]) or not np.array_equal(
-      other_seed["image"], all_batches[0]["image"])
+    other_seed["image"], all_batches[0]["image"]
+  )
   with pytest.raises(ValueError, match="start must lie"):
     next(_batches(mesh).iterator(13))
 
@@ -91,6 +95,7 @@ def test_each_epoch_is_a_permutation_without_repeats(mesh):
 
 def _crop_flip_candidates(image):
   """Every output `input_pipeline.random_crop_flip` can give for `image`, by (dy, dx, flip)."""
+
   class Fixed:
     def __init__(self, draw):
       self.draw = draw
@@ -103,8 +108,9 @@ def _crop_flip_candidates(image):
   for dy in range(-4, 5):
     for dx in range(-4, 5):
       for flip in (0, 1):
-        element = input_pipeline.random_crop_flip({"image": image, "label": 0},
-                                                  Fixed(np.array([dy, dx, flip])))
+        element = input_pipeline.random_crop_flip(
+          {"image": image, "label": 0}, Fixed(np.array([dy, dx, flip]))
+        )
         out[(dy, dx, flip)] = element["image"]
   return out
 
@@ -115,8 +121,14 @@ def test_crop_and_flip_match_the_grain_augmentation(mesh):
   n, h = 64, 12
   rng = np.random.default_rng(0)
   images = rng.integers(1, 256, (n, h, h, 3), dtype=np.uint8)  # no zeros: padding shows
-  data = device_input.train_batches({"image": images, "label": np.arange(n, dtype=np.int32)},
-                                    global_batch=64, epochs=12, seed=0, mesh=mesh, augment=True)
+  data = device_input.train_batches(
+    {"image": images, "label": np.arange(n, dtype=np.int32)},
+    global_batch=64,
+    epochs=12,
+    seed=0,
+    mesh=mesh,
+    augment=True,
+  )
   # Label i is image i: its 162 possible outputs, by their bytes (all distinct for noise).
   outputs = []
   for image in images:
@@ -144,8 +156,9 @@ def test_crop_and_flip_match_the_grain_augmentation(mesh):
 def test_fits_on_device_and_the_auto_rule():
   cifar, mnist = (datasets.DATASET_INFO[k] for k in ("cifar10", "mnist"))
   assert device_input.fits_on_device(cifar) and device_input.fits_on_device(mnist)
-  big = datasets.DatasetInfo("big", "big", 10, (64, 64, 3), (0.5,) * 3, (0.25,) * 3,
-                                   20000, 100, False)
+  big = datasets.DatasetInfo(
+    "big", "big", 10, (64, 64, 3), (0.5,) * 3, (0.25,) * 3, 20000, 100, False
+  )
   assert not device_input.fits_on_device(big)
   assert device_input.fits_on_device(big, limit=10000)  # 123 MB
   use = device_input.use_device_input
@@ -159,12 +172,15 @@ def test_fits_on_device_and_the_auto_rule():
 
 def test_bad_arrays_and_batches_are_refused(mesh):
   with pytest.raises(ValueError, match="uint8 images"):
-    device_input.train_batches({"image": np.zeros((8, 4, 4, 1), np.float32),
-                                "label": np.zeros(8, np.int32)},
-                               global_batch=8, epochs=1, seed=0, mesh=mesh)
-  with pytest.raises(ValueError, match="multiple of the 8 devices"):
     device_input.train_batches(
-        _arrays(), global_batch=12, epochs=1, seed=0, mesh=mesh)
+      {"image": np.zeros((8, 4, 4, 1), np.float32), "label": np.zeros(8, np.int32)},
+      global_batch=8,
+      epochs=1,
+      seed=0,
+      mesh=mesh,
+    )
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    device_input.train_batches(_arrays(), global_batch=12, epochs=1, seed=0, mesh=mesh)
 
 
 SHAPE = (28, 28, 1)
@@ -174,21 +190,34 @@ def _job(mesh, epochs=2):
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, 128)
   images = np.clip(rng.normal(20 * labels[:, None, None, None], 30, (128, *SHAPE)), 0, 255)
-  data = device_input.train_batches({"image": images.astype(np.uint8), "label": labels},
-                                    global_batch=32, epochs=epochs, seed=0, mesh=mesh,
-                                    augment=True)
+  data = device_input.train_batches(
+    {"image": images.astype(np.uint8), "label": labels},
+    global_batch=32,
+    epochs=epochs,
+    seed=0,
+    mesh=mesh,
+    augment=True,
+  )
   lr = steps.learning_rate_schedule(0.05, "cosine", 2, 4 * epochs)
   return trainer.Job(
-      model=bench_loop.Linear(10),  # the data path is under test: a model that compiles fast
-      preprocess=functools.partial(steps.normalize, mean=(0.13,), std=(0.31,)),
-      input_shape=SHAPE, train_data=data, steps_per_epoch=data.steps_per_epoch, epochs=epochs,
-      global_batch=32, tx=steps.create_optimizer("sgd", lr, weight_decay=5e-4),
-      learning_rate=lr, seed=0, identity={"job": "device"})
+    model=bench_loop.Linear(10),  # the data path is under test: a model that compiles fast
+    preprocess=functools.partial(steps.normalize, mean=(0.13,), std=(0.31,)),
+    input_shape=SHAPE,
+    train_data=data,
+    steps_per_epoch=data.steps_per_epoch,
+    epochs=epochs,
+    global_batch=32,
+    tx=steps.create_optimizer("sgd", lr, weight_decay=5e-4),
+    learning_rate=lr,
+    seed=0,
+    identity={"job": "device"},
+  )
 
 
 def _fit(job, mesh, run_dir, hook=None):
-  return trainer.fit(job, run_dir, mesh, trainer.LoopOptions(progress_bar=False, log_every=3),
-                     on_epoch_end=hook)
+  return trainer.fit(
+    job, run_dir, mesh, trainer.LoopOptions(progress_bar=False, log_every=3), on_epoch_end=hook
+  )
 
 
 def test_fit_on_device_batches_resumes_exactly_after_sigterm(tmp_path, mesh):
@@ -205,8 +234,10 @@ def test_fit_on_device_batches_resumes_exactly_after_sigterm(tmp_path, mesh):
     _fit(_job(mesh), mesh, tmp_path / "resumed", preempt_after_epoch_1)
   resumed = _fit(_job(mesh), mesh, tmp_path / "resumed")
   for field in ("params", "batch_stats", "opt_state"):
-    chex.assert_trees_all_equal(jax.device_get(getattr(resumed["state"], field)),
-                                jax.device_get(getattr(straight["state"], field)))
+    chex.assert_trees_all_equal(
+      jax.device_get(getattr(resumed["state"], field)),
+      jax.device_get(getattr(straight["state"], field)),
+    )
   assert resumed["history"] == straight["history"]
 
 
@@ -214,17 +245,21 @@ def test_scan_steps_equal_one_dispatch_per_step(mesh):
   """k steps per dispatch train on the same batches with the same RNGs as the trainer's loop."""
   job = _job(mesh)
   data, rng = job.train_data, jax.random.PRNGKey(1)
-  init = jax.jit(functools.partial(steps.create_train_state, job.model, job.tx, SHAPE),
-                 out_shardings=parallel.replicated(mesh))
-  train_fn = trainer.jit_train_step(mesh, preprocess=job.preprocess, head=None, loss=job.loss,
-                                    compiler_options=None)
+  init = jax.jit(
+    functools.partial(steps.create_train_state, job.model, job.tx, SHAPE),
+    out_shardings=parallel.replicated(mesh),
+  )
+  train_fn = trainer.jit_train_step(
+    mesh, preprocess=job.preprocess, head=None, loss=job.loss, compiler_options=None
+  )
   state = init(jax.random.PRNGKey(0))
   losses = []
   for step, batch in enumerate(data.iterator(0)):
     state, metrics = train_fn(state, batch, rng, None)
     losses.append(float(metrics["loss"]))
-  run = data.scan_steps(functools.partial(steps.train_step, preprocess=job.preprocess,
-                                          loss=job.loss), 2, rng)
+  run = data.scan_steps(
+    functools.partial(steps.train_step, preprocess=job.preprocess, loss=job.loss), 2, rng
+  )
   scanned = init(jax.random.PRNGKey(0))
   scanned_losses = []
   for step in range(0, len(data), 2):
@@ -232,8 +267,9 @@ def test_scan_steps_equal_one_dispatch_per_step(mesh):
     chex.assert_shape(metrics["loss"], (2,))
     scanned_losses += jax.device_get(metrics["loss"]).tolist()
   np.testing.assert_allclose(scanned_losses, losses, rtol=1e-5)
-  chex.assert_trees_all_close(jax.device_get(scanned.params), jax.device_get(state.params),
-                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+    jax.device_get(scanned.params), jax.device_get(state.params), rtol=1e-5, atol=1e-6
+  )
   with pytest.raises(ValueError, match="cross an epoch end"):
     run(scanned, 3)
   with pytest.raises(ValueError, match="k must lie"):
@@ -267,12 +303,23 @@ def test_two_processes_make_the_single_process_batches(tmp_path, mesh):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "FMCEJAX_COORDINATOR": f"127.0.0.1:{port}", "FMCEJAX_NUM_PROCESSES": "2"}
-  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(tmp_path / "b.npz")],
-                            env={**env, "FMCEJAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "FMCEJAX_COORDINATOR": f"127.0.0.1:{port}",
+    "FMCEJAX_NUM_PROCESSES": "2",
+  }
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(tmp_path / "b.npz")],
+      env={**env, "FMCEJAX_PROCESS_ID": str(i)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outputs = [p.communicate(timeout=180)[0] for p in procs]
   finally:

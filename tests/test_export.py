@@ -23,8 +23,12 @@ from fmcejax import cpu_lowering, models, steps
 
 BATCH = 8
 NUM_CLASSES = 10
-INPUT_SHAPE = {"cnn": (28, 28, 1), "resnet18": (32, 32, 3), "resnet50": (32, 32, 3),
-               "shufflenet_v2": (32, 32, 3)}
+INPUT_SHAPE = {
+  "cnn": (28, 28, 1),
+  "resnet18": (32, 32, 3),
+  "resnet50": (32, 32, 3),
+  "shufflenet_v2": (32, 32, 3),
+}
 MARKER = f"{cpu_lowering.SCOPE}/"
 
 
@@ -34,32 +38,42 @@ def _exported_step(backbone: str, ral: bool, platform: str) -> str:
   shape = INPUT_SHAPE[backbone]
   model = models.create_backbone(backbone, NUM_CLASSES, lowering=lowering)
   tx = steps.create_optimizer("sgd", optax.constant_schedule(0.1), weight_decay=5e-4)
-  state = jax.eval_shape(functools.partial(steps.create_train_state, model, tx, shape),
-                         jax.random.PRNGKey(0))
+  state = jax.eval_shape(
+    functools.partial(steps.create_train_state, model, tx, shape), jax.random.PRNGKey(0)
+  )
   head, head_variables, loss = None, None, steps.Loss()
   if ral:
     module = models.DEFAULT_MODULE[backbone]
-    feature = jax.eval_shape(functools.partial(model.apply, train=False),
-                             {"params": state.params, "batch_stats": state.batch_stats},
-                             jax.ShapeDtypeStruct((BATCH, *shape), jnp.float32))[1][module]
+    feature = jax.eval_shape(
+      functools.partial(model.apply, train=False),
+      {"params": state.params, "batch_stats": state.batch_stats},
+      jax.ShapeDtypeStruct((BATCH, *shape), jnp.float32),
+    )[1][module]
     head = steps.Head(model=models.FMCENet(5, 64, 2, lowering=lowering), module=module)
-    head_variables = jax.eval_shape(functools.partial(head.model.init, train=False),
-                                    jax.random.PRNGKey(1), feature)
+    head_variables = jax.eval_shape(
+      functools.partial(head.model.init, train=False), jax.random.PRNGKey(1), feature
+    )
     loss = steps.Loss(alpha=optax.constant_schedule(0.1))
   preprocess = functools.partial(steps.normalize, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
   step = jax.jit(functools.partial(steps.train_step, preprocess=preprocess, head=head, loss=loss))
-  batch = {"image": jax.ShapeDtypeStruct((BATCH, *shape), jnp.uint8),
-           "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
+  batch = {
+    "image": jax.ShapeDtypeStruct((BATCH, *shape), jnp.uint8),
+    "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32),
+  }
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
   platform = {"gpu": "cuda"}.get(platform, platform)
-  return jax.export.export(step, platforms=[platform])(state, batch, rng,
-                                                       head_variables).mlir_module()
+  return jax.export.export(step, platforms=[platform])(
+    state, batch, rng, head_variables
+  ).mlir_module()
 
 
 def _scopes(text: str) -> set[str]:
   """The CPU lowerings' scope names in the op locations of a StableHLO text."""
-  return {line.split(MARKER)[1].split("/")[0].split('"')[0]
-          for line in text.splitlines() if MARKER in line}
+  return {
+    line.split(MARKER)[1].split("/")[0].split('"')[0]
+    for line in text.splitlines()
+    if MARKER in line
+  }
 
 
 def _host_query(*args, **kwargs):
@@ -70,9 +84,11 @@ def _host_query(*args, **kwargs):
 @pytest.mark.parametrize("backbone", models.BACKBONES)
 def test_accelerator_exports_carry_no_cpu_lowering(backbone, ral):
   for platform in ("cuda", "tpu"):
-    with (mock.patch.object(jax, "default_backend", _host_query),
-          mock.patch.object(jax, "devices", _host_query),
-          mock.patch.object(jax, "local_devices", _host_query)):
+    with (
+      mock.patch.object(jax, "default_backend", _host_query),
+      mock.patch.object(jax, "devices", _host_query),
+      mock.patch.object(jax, "local_devices", _host_query),
+    ):
       text = _exported_step(backbone, ral, platform)
     assert "stablehlo.convolution" in text  # the backbone is in the program
     assert MARKER not in text, (platform, _scopes(text))

@@ -15,26 +15,55 @@ import pytest
 from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config.train_examples_limit=1024", "--config.test_examples_limit=256",
-        "--config.batch_size=64", "--config.eval_batch_size=128", "--config.epochs=2",
-        "--config.seeds=1", "--config.probe.epochs=6", "--config.probe.train_examples_limit=512",
-        "--config.fmcs.subset_size=256", "--config.fmce_net.epochs=2",
-        "--config.fmce_net.batch_size=64", "--config.checkpoint_every_steps=4",
-        "--config.progress_bar=False", f"--config.data_dir={SHARED_DATA}"]
+TINY = [
+  "--config.train_examples_limit=1024",
+  "--config.test_examples_limit=256",
+  "--config.batch_size=64",
+  "--config.eval_batch_size=128",
+  "--config.epochs=2",
+  "--config.seeds=1",
+  "--config.probe.epochs=6",
+  "--config.probe.train_examples_limit=512",
+  "--config.fmcs.subset_size=256",
+  "--config.fmce_net.epochs=2",
+  "--config.fmce_net.batch_size=64",
+  "--config.checkpoint_every_steps=4",
+  "--config.progress_bar=False",
+  f"--config.data_dir={SHARED_DATA}",
+]
 # Report fields that hold results (not timings): these must match exactly.
-RESULT_KEYS = ("baseline_accuracy", "fmcenetpp_accuracy", "gain_pp_mean", "gain_pp_std",
-               "converged_epoch", "markers", "fmce_net_phase_accuracy", "fmcs_mae")
+RESULT_KEYS = (
+  "baseline_accuracy",
+  "fmcenetpp_accuracy",
+  "gain_pp_mean",
+  "gain_pp_std",
+  "converged_epoch",
+  "markers",
+  "fmce_net_phase_accuracy",
+  "fmcs_mae",
+)
 
 
 def _command(workdir, tfds_dir):
-  return [sys.executable, "-m", "fmcejax.train", f"--workdir={workdir}",
-          f"--config.tfds_data_dir={tfds_dir}", *TINY]
+  return [
+    sys.executable,
+    "-m",
+    "fmcejax.train",
+    f"--workdir={workdir}",
+    f"--config.tfds_data_dir={tfds_dir}",
+    *TINY,
+  ]
 
 
 def _start(workdir, tfds_dir):
-  return subprocess.Popen(_command(workdir, tfds_dir), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  return subprocess.Popen(
+    _command(workdir, tfds_dir),
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+  )
 
 
 def _steps(directory):
@@ -48,24 +77,30 @@ def _checkpoint_writing(directory):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mnist_tfds):
   workdir = tmp_path_factory.mktemp("straight")
-  result = subprocess.run(_command(workdir, mnist_tfds), cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
+  result = subprocess.run(
+    _command(workdir, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=900
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads((workdir / "report.json").read_text())
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_report(tmp_path, mnist_tfds,
-                                                                   uninterrupted):
+def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_report(
+  tmp_path, mnist_tfds, uninterrupted
+):
   w = tmp_path / "w"
   kill_points = [
-      ("inside probe training", lambda: len(_steps(w / "probe" / "checkpoints")) >= 1),
-      ("during a checkpoint write", lambda: _checkpoint_writing(w / "probe" / "checkpoints")
-       or (w / "probe" / "metrics.json").exists()),
-      ("during fmcs_data extraction", lambda: (w / "fmcs_data").exists()),
-      ("during fmce_net", lambda: len(_steps(w / "fmce_net" / "run" / "checkpoints")) >= 1),
-      ("during baseline", lambda: len(_steps(w / "baseline" / "seed_0" / "checkpoints")) >= 1),
-      ("during fmcenetpp", lambda: len(_steps(w / "fmcenetpp" / "seed_0" / "checkpoints")) >= 1),
+    ("inside probe training", lambda: len(_steps(w / "probe" / "checkpoints")) >= 1),
+    (
+      "during a checkpoint write",
+      lambda: (
+        _checkpoint_writing(w / "probe" / "checkpoints") or (w / "probe" / "metrics.json").exists()
+      ),
+    ),
+    ("during fmcs_data extraction", lambda: (w / "fmcs_data").exists()),
+    ("during fmce_net", lambda: len(_steps(w / "fmce_net" / "run" / "checkpoints")) >= 1),
+    ("during baseline", lambda: len(_steps(w / "baseline" / "seed_0" / "checkpoints")) >= 1),
+    ("during fmcenetpp", lambda: len(_steps(w / "fmcenetpp" / "seed_0" / "checkpoints")) >= 1),
   ]
   killed = []
   for name, ready in kill_points:
@@ -75,8 +110,9 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_report(tmp_path, mn
       time.sleep(0.02)
     if name == "inside probe training":
       # While this run holds the workdir, a second run is refused with a clear message.
-      busy = subprocess.run(_command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+      busy = subprocess.run(
+        _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=300
+      )
       assert busy.returncode == 2 and "in use by pid" in busy.stderr, busy.stderr[-2000:]
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)
@@ -84,8 +120,9 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_report(tmp_path, mn
     proc.wait(timeout=60)
     assert proc.returncode in (0, -signal.SIGKILL), (name, proc.stderr.read()[-3000:])
   assert len(killed) >= 4, f"too few kills landed: {killed}"
-  final = subprocess.run(_command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+  final = subprocess.run(
+    _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=900
+  )
   assert final.returncode == 0, final.stderr[-3000:]
   report = json.loads((w / "report.json").read_text())
   for key in RESULT_KEYS:
@@ -104,8 +141,9 @@ def test_sigterm_exits_0_and_the_rerun_finishes(tmp_path, mnist_tfds, uninterrup
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-3000:]
   assert "SIGTERM received; checkpoint written" in stderr
-  final = subprocess.run(_command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+  final = subprocess.run(
+    _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=900
+  )
   assert final.returncode == 0, final.stderr[-3000:]
   report = json.loads((w / "report.json").read_text())
   for key in RESULT_KEYS:

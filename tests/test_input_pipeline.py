@@ -50,11 +50,13 @@ def all_batches(ds) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+
 def test_mock_data_of_the_real_spec(monkeypatch):
   # tfds's mock sets `__getitems__` as a plain partial on a MagicMock, so it is called without
   # `self` and fails; let bulk reads go record by record through the mock's `__getitem__`.
-  monkeypatch.setattr(tfds_data_sources.BaseDataSource, "__getitems__",
-                      lambda self, keys: [self[k] for k in keys])
+  monkeypatch.setattr(
+    tfds_data_sources.BaseDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys]
+  )
   info = dataclasses.replace(datasets.DATASET_INFO["mnist"], num_train=40)
   with tfds.testing.mock_data(num_examples=40):
     ds = ip.train_dataset(info, global_batch=8, epochs=2, seed=0, augment=True)
@@ -66,6 +68,7 @@ def test_mock_data_of_the_real_spec(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # Training stream
+
 
 def train(info, tfds_dir, **kwargs):
   kwargs = {"global_batch": 16, "epochs": 3, "seed": 0, **kwargs}
@@ -93,8 +96,9 @@ def test_each_epoch_is_a_fresh_permutation_of_the_limited_split(mnist):
   first = ids_of(ip.load_arrays(info, indices=np.arange(limit), tfds_data_dir=tfds_dir)["image"])
   batches = all_batches(train(info, tfds_dir, limit=limit, global_batch=batch))
   assert len(batches) == 3 * ip.steps_per_epoch(info, batch, limit) == 9
-  epochs = [np.concatenate([ids_of(b["image"]) for b in batches[3 * e:3 * e + 3]])
-            for e in range(3)]
+  epochs = [
+    np.concatenate([ids_of(b["image"]) for b in batches[3 * e : 3 * e + 3]]) for e in range(3)
+  ]
   for ids in epochs:
     assert len(set(ids)) == 48 and set(ids) <= set(first)
   assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
@@ -107,8 +111,12 @@ def test_each_epoch_is_a_fresh_permutation_of_the_limited_split(mnist):
 def test_host_shards_partition_each_global_batch(mnist, process_count, augment):
   info, tfds_dir = mnist
   single = all_batches(train(info, tfds_dir, augment=augment))
-  hosts = [all_batches(train(info, tfds_dir, augment=augment, process_index=p,
-                             process_count=process_count)) for p in range(process_count)]
+  hosts = [
+    all_batches(
+      train(info, tfds_dir, augment=augment, process_index=p, process_count=process_count)
+    )
+    for p in range(process_count)
+  ]
   for k, whole in enumerate(single):
     shards = [h[k] for h in hosts]
     assert all(s["image"].shape[0] == 16 // process_count for s in shards)
@@ -123,7 +131,7 @@ def test_host_shards_partition_each_global_batch(mnist, process_count, augment):
 
 def _crops_and_flips(image: np.ndarray) -> list[np.ndarray]:
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-  crops = [padded[y:y + 28, x:x + 28] for y in range(9) for x in range(9)]
+  crops = [padded[y : y + 28, x : x + 28] for y in range(9) for x in range(9)]
   return crops + [c[:, ::-1] for c in crops]
 
 
@@ -184,14 +192,17 @@ def test_bad_batch_settings(mnist):
 # ---------------------------------------------------------------------------------------------
 # Evaluation and probes
 
+
 @pytest.mark.parametrize("process_count", [1, 2, 4])
 @pytest.mark.parametrize("limit", [0, 30])
 def test_eval_covers_every_example_once(mnist, process_count, limit):
   info, tfds_dir = mnist
   n = limit or N_TEST
   examples = ip.examples(info, "test", limit, tfds_dir)
-  hosts = [list(ip.padded_batches(examples, global_batch=12, process_index=p,
-                                  process_count=process_count)) for p in range(process_count)]
+  hosts = [
+    list(ip.padded_batches(examples, global_batch=12, process_index=p, process_count=process_count))
+    for p in range(process_count)
+  ]
   assert {len(h) for h in hosts} == {math.ceil(n / 12)}
   seen = []
   for batch in (b for h in hosts for b in h):
@@ -201,8 +212,9 @@ def test_eval_covers_every_example_once(mnist, process_count, limit):
     assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
     assert not batch["image"][~real].any() and not batch["label"][~real].any()
     seen.extend(ids_of(batch["image"][real]))
-  expected = ids_of(ip.load_arrays(info, split="test", indices=np.arange(n),
-                                   tfds_data_dir=tfds_dir)["image"])
+  expected = ids_of(
+    ip.load_arrays(info, split="test", indices=np.arange(n), tfds_data_dir=tfds_dir)["image"]
+  )
   assert sorted(seen) == sorted(expected) and len(set(seen)) == n
 
 
@@ -227,6 +239,7 @@ def test_no_tensorflow_imported(mnist):
 # ---------------------------------------------------------------------------------------------
 # Real data
 
+
 @pytest.mark.slow
 def test_real_mnist(tmp_path):
   if not (SHARED_DATA / "mnist").is_dir():
@@ -236,8 +249,9 @@ def test_real_mnist(tmp_path):
   print(f"prepared real MNIST in {time.perf_counter() - start:.1f}s")
   assert (info.num_train, info.num_test) == (60000, 10000)
   for split, n in (("train", 60000), ("test", 10000)):
-    labels = ip.load_arrays(info, split=split, indices=np.arange(n),
-                            tfds_data_dir=str(tmp_path))["label"]
+    labels = ip.load_arrays(info, split=split, indices=np.arange(n), tfds_data_dir=str(tmp_path))[
+      "label"
+    ]
     counts = np.bincount(labels, minlength=10)
     assert len(counts) == 10 and counts.min() > 0.08 * n and counts.max() < 0.12 * n
   start = time.perf_counter()

@@ -26,31 +26,61 @@ NUM_CLASSES = 10
 INPUT_SHAPES = ((2, 32, 32, 3), (2, 28, 28, 1))
 # Real forward passes: one input shape per backbone keeps the file fast; both are covered above.
 RUN_SHAPE = {
-    "cnn": (2, 28, 28, 1),
-    "resnet18": (2, 32, 32, 3),
-    "resnet50": (2, 28, 28, 1),
-    "shufflenet_v2": (2, 32, 32, 3),
+  "cnn": (2, 28, 28, 1),
+  "resnet18": (2, 32, 32, 3),
+  "resnet50": (2, 28, 28, 1),
+  "shufflenet_v2": (2, 32, 32, 3),
 }
 EXPECTED_PARAMS_CIFAR10 = {
-    "resnet18": 11_173_962,  # kuangliu/pytorch-cifar ResNet18
-    "resnet50": 23_520_842,  # kuangliu/pytorch-cifar ResNet50
-    "shufflenet_v2": 1_263_854,  # torchvision shufflenet_v2_x1_0(num_classes=10)
+  "resnet18": 11_173_962,  # kuangliu/pytorch-cifar ResNet18
+  "resnet50": 23_520_842,  # kuangliu/pytorch-cifar ResNet50
+  "shufflenet_v2": 1_263_854,  # torchvision shufflenet_v2_x1_0(num_classes=10)
 }
 EXPECTED_FEATURE_SHAPES = {
-    ("cnn", 32): {"conv1": (16, 16, 16), "conv2": (8, 8, 32), "conv3": (8, 8, 64)},
-    ("cnn", 28): {"conv1": (14, 14, 16), "conv2": (7, 7, 32), "conv3": (7, 7, 64)},
-    ("resnet18", 32): {"stem": (32, 32, 64), "stage1": (32, 32, 64), "stage2": (16, 16, 128),
-                       "stage3": (8, 8, 256), "stage4": (4, 4, 512)},
-    ("resnet18", 28): {"stem": (28, 28, 64), "stage1": (28, 28, 64), "stage2": (14, 14, 128),
-                       "stage3": (7, 7, 256), "stage4": (4, 4, 512)},
-    ("resnet50", 32): {"stem": (32, 32, 64), "stage1": (32, 32, 256), "stage2": (16, 16, 512),
-                       "stage3": (8, 8, 1024), "stage4": (4, 4, 2048)},
-    ("resnet50", 28): {"stem": (28, 28, 64), "stage1": (28, 28, 256), "stage2": (14, 14, 512),
-                       "stage3": (7, 7, 1024), "stage4": (4, 4, 2048)},
-    ("shufflenet_v2", 32): {"stem": (32, 32, 24), "stage2": (16, 16, 116), "stage3": (8, 8, 232),
-                            "stage4": (4, 4, 464), "conv5": (4, 4, 1024)},
-    ("shufflenet_v2", 28): {"stem": (28, 28, 24), "stage2": (14, 14, 116), "stage3": (7, 7, 232),
-                            "stage4": (4, 4, 464), "conv5": (4, 4, 1024)},
+  ("cnn", 32): {"conv1": (16, 16, 16), "conv2": (8, 8, 32), "conv3": (8, 8, 64)},
+  ("cnn", 28): {"conv1": (14, 14, 16), "conv2": (7, 7, 32), "conv3": (7, 7, 64)},
+  ("resnet18", 32): {
+    "stem": (32, 32, 64),
+    "stage1": (32, 32, 64),
+    "stage2": (16, 16, 128),
+    "stage3": (8, 8, 256),
+    "stage4": (4, 4, 512),
+  },
+  ("resnet18", 28): {
+    "stem": (28, 28, 64),
+    "stage1": (28, 28, 64),
+    "stage2": (14, 14, 128),
+    "stage3": (7, 7, 256),
+    "stage4": (4, 4, 512),
+  },
+  ("resnet50", 32): {
+    "stem": (32, 32, 64),
+    "stage1": (32, 32, 256),
+    "stage2": (16, 16, 512),
+    "stage3": (8, 8, 1024),
+    "stage4": (4, 4, 2048),
+  },
+  ("resnet50", 28): {
+    "stem": (28, 28, 64),
+    "stage1": (28, 28, 256),
+    "stage2": (14, 14, 512),
+    "stage3": (7, 7, 1024),
+    "stage4": (4, 4, 2048),
+  },
+  ("shufflenet_v2", 32): {
+    "stem": (32, 32, 24),
+    "stage2": (16, 16, 116),
+    "stage3": (8, 8, 232),
+    "stage4": (4, 4, 464),
+    "conv5": (4, 4, 1024),
+  },
+  ("shufflenet_v2", 28): {
+    "stem": (28, 28, 24),
+    "stage2": (14, 14, 116),
+    "stage3": (7, 7, 232),
+    "stage4": (4, 4, 464),
+    "conv5": (4, 4, 1024),
+  },
 }
 
 
@@ -124,7 +154,9 @@ def test_param_count_matches_pytorch_reference(name):
 def test_cnn_is_small():
   variables, _ = _abstract(models.create_backbone("cnn", NUM_CLASSES), (1, 28, 28, 1))
   # conv 3x3 (no bias) + BN scale/bias per block, then the classifier: counted by hand.
-  expected = (9 * 1 * 16 + 2 * 16) + (9 * 16 * 32 + 2 * 32) + (9 * 32 * 64 + 2 * 64) + (64 * 10 + 10)
+  expected = (
+    (9 * 1 * 16 + 2 * 16) + (9 * 16 * 32 + 2 * 32) + (9 * 32 * 64 + 2 * 64) + (64 * 10 + 10)
+  )
   assert models.param_count(variables["params"]) == expected == 24_058
 
 
@@ -191,7 +223,8 @@ def test_train_mode_updates_batch_stats(name):
   chex.assert_tree_all_finite((logits, features, updates))
   chex.assert_trees_all_equal_shapes(updates["batch_stats"], variables["batch_stats"])
   changed = jax.tree_util.tree_map(
-      lambda new, old: bool(jnp.any(new != old)), updates["batch_stats"], variables["batch_stats"])
+    lambda new, old: bool(jnp.any(new != old)), updates["batch_stats"], variables["batch_stats"]
+  )
   assert all(jax.tree_util.tree_leaves(changed))
   # Train-mode BN normalises with batch statistics, so activations stay O(1) at init.
   assert float(jnp.std(features[models.DEFAULT_MODULE[name]])) < 10.0
@@ -268,18 +301,25 @@ class CpuLoweringTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(
-      # (input channels, kernel, strides, padding, groups, bias)
-      (1, (3, 3), 1, ((1, 1), (1, 1)), 1, False),   # patches: a grey stem
-      (3, (3, 3), 2, ((0, 1), (1, 2)), 1, True),    # patches, strided, uneven padding
-      (3, (3, 2), (2, 1), ((0, 1), (1, 1)), 1, False),  # patches, an even kernel
-      (6, (3, 3), 2, ((1, 1), (1, 1)), 1, False),   # Eigen: too many channels for patches
-      (3, (3, 3), 1, "SAME", 1, True),              # Eigen: string padding
-      (6, (3, 3), 1, "SAME", 6, False),             # Eigen: depthwise
+    # (input channels, kernel, strides, padding, groups, bias)
+    (1, (3, 3), 1, ((1, 1), (1, 1)), 1, False),  # patches: a grey stem
+    (3, (3, 3), 2, ((0, 1), (1, 2)), 1, True),  # patches, strided, uneven padding
+    (3, (3, 2), (2, 1), ((0, 1), (1, 1)), 1, False),  # patches, an even kernel
+    (6, (3, 3), 2, ((1, 1), (1, 1)), 1, False),  # Eigen: too many channels for patches
+    (3, (3, 3), 1, "SAME", 1, True),  # Eigen: string padding
+    (6, (3, 3), 1, "SAME", 6, False),  # Eigen: depthwise
   )
   def test_conv_equals_nn_conv(self, channels, kernel, strides, padding, groups, bias):
     x = jax.random.normal(jax.random.key(1), (2, 9, 8, channels))
-    plain = nn.Conv(4 if groups == 1 else channels, kernel, strides, padding=padding,
-                    feature_group_count=groups, use_bias=bias, bias_init=nn.initializers.normal())
+    plain = nn.Conv(
+      4 if groups == 1 else channels,
+      kernel,
+      strides,
+      padding=padding,
+      feature_group_count=groups,
+      use_bias=bias,
+      bias_init=nn.initializers.normal(),
+    )
     lowered = plain.clone(conv_general_dilated=cpu_lowering.conv_general_dilated)
     variables = plain.init(jax.random.key(2), x)
     chex.assert_trees_all_equal_structs(variables, lowered.init(jax.random.key(2), x))
@@ -288,8 +328,9 @@ class CpuLoweringTest(chex.TestCase):
       loss = lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)))
       return self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
 
-    chex.assert_trees_all_close(outputs_and_grads(lowered), outputs_and_grads(plain),
-                                rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+      outputs_and_grads(lowered), outputs_and_grads(plain), rtol=1e-5, atol=1e-5
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(train=(True, False), shape=((4, 6, 6, 5), (1, 37, 1, 5)))
@@ -297,18 +338,23 @@ class CpuLoweringTest(chex.TestCase):
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)
     ours = cpu_lowering.BatchNorm(use_running_average=not train, momentum=0.9)
     flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9)
-    variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.arange(5.0)},
-                 "batch_stats": {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}}
+    variables = {
+      "params": {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.arange(5.0)},
+      "batch_stats": {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)},
+    }
     chex.assert_trees_all_equal_structs(
-        variables, ours.init(jax.random.key(1), x), flax_bn.init(jax.random.key(1), x))
+      variables, ours.init(jax.random.key(1), x), flax_bn.init(jax.random.key(1), x)
+    )
     weights = jax.random.normal(jax.random.key(2), x.shape)
 
     def run(module):
       def loss(params, x):
         y, stats = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
         return jnp.sum(y * weights), (y, stats)
+
       return self.variant(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-          variables["params"], x)
+        variables["params"], x
+      )
 
     got, want = run(ours), run(flax_bn)
     chex.assert_shape(got[0][1][0], x.shape)
@@ -344,7 +390,7 @@ def test_cpu_batchnorm_keeps_flax_dtypes(dtype):
 def test_cpu_batchnorm_sums_as_accurately_as_a_pairwise_tree():
   """A sequential float32 sum of 2^17 values near 1 is off by ~1e-5 relative (XLA's own
   reduce: ~3e-6); the tree of <= 32-row sums stays at ~1e-7."""
-  x = 1.0 + np.random.default_rng(0).standard_normal((2 ** 17, 3)).astype(np.float32)
+  x = 1.0 + np.random.default_rng(0).standard_normal((2**17, 3)).astype(np.float32)
   got = jax.jit(cpu_lowering._column_sums)(x, x * x)
   x64 = x.astype(np.float64)
   for sums, want in zip(got, (x64.sum(0), (x64 * x64).sum(0))):
@@ -362,8 +408,9 @@ def test_cpu_batchnorm_trains_without_xla_reduce_windows():
   def compiled_gradient(norm, view):
     bn = norm(use_running_average=False)
     variables = bn.init(jax.random.key(0), view(x))
-    loss = lambda params, x: jnp.sum(bn.apply(
-        {**variables, "params": params}, view(x), mutable=["batch_stats"])[0] ** 2)
+    loss = lambda params, x: jnp.sum(
+      bn.apply({**variables, "params": params}, view(x), mutable=["batch_stats"])[0] ** 2
+    )
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
     return grad.lower(variables["params"], x).compile().as_text()
 
@@ -372,12 +419,15 @@ def test_cpu_batchnorm_trains_without_xla_reduce_windows():
   assert "reduce-window(" not in compiled_gradient(cpu_lowering.BatchNorm, lambda x: x)
 
 
-@pytest.mark.parametrize("channels, padding, patches", [
-    (1, ((1, 1), (1, 1)), True),   # a grey stem
-    (3, ((1, 1), (1, 1)), True),   # an RGB stem: 27 = 3 x 3 x 3 products per output
+@pytest.mark.parametrize(
+  "channels, padding, patches",
+  [
+    (1, ((1, 1), (1, 1)), True),  # a grey stem
+    (3, ((1, 1), (1, 1)), True),  # an RGB stem: 27 = 3 x 3 x 3 products per output
     (4, ((1, 1), (1, 1)), False),  # Eigen is faster from here on
-    (3, "SAME", False),            # only explicit padding (the models' convs) is taken
-])
+    (3, "SAME", False),  # only explicit padding (the models' convs) is taken
+  ],
+)
 def test_cpu_conv_multiplies_patches_of_few_channel_convs(channels, padding, patches):
   x = jax.ShapeDtypeStruct((2, 8, 8, channels), jnp.float32)
   conv = cpu_lowering.CPU.conv(8, (3, 3), padding=padding)
@@ -397,18 +447,23 @@ class PoolingPhasesTest(chex.TestCase):
     kernel = jnp.round(jax.random.normal(jax.random.key(1), (3, 3, channels, 5)) * 2) / 2
     weights = jax.random.normal(jax.random.key(2), (2, h // 2, w // 2, 5))
     conv = lambda x, k, s, p: jax.lax.conv_general_dilated(
-        x, k, (s, s), p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, k, (s, s), p, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
     def by_phases(x, k):
       return cpu_lowering.max_over_phases(
-          jax.nn.relu(conv(cpu_lowering.pooling_phases(x), k, 2, "VALID")))
+        jax.nn.relu(conv(cpu_lowering.pooling_phases(x), k, 2, "VALID"))
+      )
 
     def reference(x, k):
       return cpu_lowering.max_pool_2x2(jax.nn.relu(conv(x, k, 1, ((1, 1), (1, 1)))))
 
-    got, want = (self.variant(jax.value_and_grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights),
-                                                 argnums=(0, 1)))(x, kernel)
-                 for f in (by_phases, reference))
+    got, want = (
+      self.variant(
+        jax.value_and_grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1))
+      )(x, kernel)
+      for f in (by_phases, reference)
+    )
     chex.assert_shape(by_phases(x, kernel), (2, h // 2, w // 2, 5))
     # Halves and small integers: exact products, so ties (shared equally) are ties in both.
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
@@ -418,9 +473,14 @@ class PoolingPhasesTest(chex.TestCase):
     collective for them (phase-major blocks needed all-to-alls)."""
     mesh = parallel.make_mesh()
     x = jax.device_put(jnp.ones((2 * mesh.size, 6, 6, 1)), parallel.batch_sharding(mesh))
-    f = jax.jit(lambda x: jax.grad(lambda x: jnp.sum(cpu_lowering.max_over_phases(
-        cpu_lowering.pooling_phases(x)[:, 1:, 1:]) ** 2))(x),
-                out_shardings=parallel.batch_sharding(mesh))
+    f = jax.jit(
+      lambda x: jax.grad(
+        lambda x: jnp.sum(
+          cpu_lowering.max_over_phases(cpu_lowering.pooling_phases(x)[:, 1:, 1:]) ** 2
+        )
+      )(x),
+      out_shardings=parallel.batch_sharding(mesh),
+    )
     hlo = f.lower(x).compile().as_text()
     for op in ("all-to-all", "all-gather", "collective-permute", "all-reduce"):
       assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
@@ -432,7 +492,8 @@ class PoolingPhasesTest(chex.TestCase):
     assert not pools_by_phases(jnp.zeros((2, 14, 14, 16)))  # input gradient by phases
     assert not pools_by_phases(jnp.zeros((2, 27, 28, 1)))  # odd: statistics would differ
     assert not dataclasses.replace(cpu_lowering.CPU, pooling_phases=False).pools_by_phases(
-        jnp.zeros((2, 28, 28, 1)))
+      jnp.zeros((2, 28, 28, 1))
+    )
 
 
 def _cnn_train_outputs(lowering, variables, x):
@@ -440,8 +501,9 @@ def _cnn_train_outputs(lowering, variables, x):
   model = models.create_backbone("cnn", NUM_CLASSES, lowering=lowering)
 
   def train_apply(params):
-    (logits, features), state = model.apply({**variables, "params": params}, x, train=True,
-                                            mutable=["batch_stats"])
+    (logits, features), state = model.apply(
+      {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+    )
     return jnp.sum(jnp.tanh(logits)), (logits, features, state)
 
   return jax.jit(jax.value_and_grad(train_apply, has_aux=True))(variables["params"])
@@ -467,8 +529,9 @@ def test_fmcenet_with_the_cpu_lowering_equals_the_plain_fmcenet():
     logits, _ = head.apply(variables, fmap, train=True, mutable=["batch_stats"])
     return jnp.sum(jnp.tanh(logits))
 
-  lowered, plain = (jax.jit(jax.value_and_grad(functools.partial(train_loss, h)))(fmap)
-                    for h in heads)
+  lowered, plain = (
+    jax.jit(jax.value_and_grad(functools.partial(train_loss, h)))(fmap) for h in heads
+  )
   chex.assert_trees_all_close(lowered, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -482,17 +545,20 @@ def test_jitted_cnn_gradient_equals_op_by_op():
   variables = model.init(jax.random.key(1), x, train=False)
 
   def loss(params):
-    (logits, _), _ = model.apply({**variables, "params": params}, x, train=True,
-                                 mutable=["batch_stats"])
+    (logits, _), _ = model.apply(
+      {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+    )
     return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
 
   grads = jax.grad(loss)
-  chex.assert_trees_all_close(jax.jit(grads)(variables["params"]), grads(variables["params"]),
-                              rtol=1e-3, atol=1e-4)
+  chex.assert_trees_all_close(
+    jax.jit(grads)(variables["params"]), grads(variables["params"]), rtol=1e-3, atol=1e-4
+  )
 
 
 class TinyBackbone(nn.Module):
   """Your own backbone, as a user would write it: `(logits, {name: map})` from `(x, train)`."""
+
   num_classes: int
   dtype: Any = jnp.float32
 
@@ -536,24 +602,30 @@ def test_your_own_backbone_resolves_and_lists_its_feature_maps():
   assert models.feature_names("resnet18", NUM_CLASSES, (32, 32, 3)) == models.STAGES["resnet18"]
 
 
-@pytest.mark.parametrize("spec, message", [
+@pytest.mark.parametrize(
+  "spec, message",
+  [
     ("vgg16", "unknown backbone 'vgg16'"),
     ("no_such_package_xyz.models:factory", "cannot import 'no_such_package_xyz.models'"),
     (f"{__name__}:no_such_factory", "has no attribute 'no_such_factory'"),
     (f"{__name__}:not_callable", "non-callable 'not_callable'"),
     (f"{__name__}:no_dtype_factory", r"no_dtype_factory\(num_classes=..., dtype=...\) cannot"),
     (f"{__name__}:", "unknown backbone"),
-])
+  ],
+)
 def test_bad_backbones_name_the_value_and_what_is_accepted(spec, message):
   with pytest.raises(ValueError, match=message) as error:
     models.create_backbone(spec, NUM_CLASSES)
   assert "resnet18" in str(error.value) and "package.module:factory" in str(error.value)
 
 
-@pytest.mark.parametrize("factory, message", [
+@pytest.mark.parametrize(
+  "factory, message",
+  [
     ("wrong_call_factory", "fails on a"),
     ("ten_classes_factory", r"logits of shape \(1, 7\)"),
-])
+  ],
+)
 def test_feature_names_rejects_models_breaking_the_contract(factory, message):
   spec = f"{__name__}:{factory}"
   with pytest.raises(ValueError, match=message) as error:

@@ -52,25 +52,36 @@ STEPS_PER_EPOCH, EPOCHS = 16, 2  # 1024 examples / global batch 64
 # training on its half batch, another data order) moves all of these by O(1).
 METRIC_RTOL = 1e-4
 ACCURACY_ATOL = 1 / 256  # one of the 256 test images may flip between runs
-PARAM_TOL = 5e-3          # max |difference| / max |reference| per leaf: params, batch_stats
-MOMENTUM_TOL = 1e-1       # the same for the optimizer state
+PARAM_TOL = 5e-3  # max |difference| / max |reference| per leaf: params, batch_stats
+MOMENTUM_TOL = 1e-1  # the same for the optimizer state
 
 pytestmark = pytest.mark.slow
 
 
-def _args(workdir: Path, tfds_dir: str, stages: str = "baseline", epochs: int = EPOCHS,
-          limit: int = 1024) -> list[str]:
-  return [f"--workdir={workdir}", f"--config.stages={stages}", "--config.seeds=1",
-          f"--config.epochs={epochs}", f"--config.train_examples_limit={limit}",
-          "--config.test_examples_limit=256", "--config.batch_size=64",
-          "--config.eval_batch_size=64", "--config.learning_rate=0.01",
-          "--config.progress_bar=False", "--config.log_every=2",
-          f"--config.data_dir={SHARED_DATA}", f"--config.tfds_data_dir={tfds_dir}"]
+def _args(
+  workdir: Path, tfds_dir: str, stages: str = "baseline", epochs: int = EPOCHS, limit: int = 1024
+) -> list[str]:
+  return [
+    f"--workdir={workdir}",
+    f"--config.stages={stages}",
+    "--config.seeds=1",
+    f"--config.epochs={epochs}",
+    f"--config.train_examples_limit={limit}",
+    "--config.test_examples_limit=256",
+    "--config.batch_size=64",
+    "--config.eval_batch_size=64",
+    "--config.learning_rate=0.01",
+    "--config.progress_bar=False",
+    "--config.log_every=2",
+    f"--config.data_dir={SHARED_DATA}",
+    f"--config.tfds_data_dir={tfds_dir}",
+  ]
 
 
 def _free_port() -> int:
   try:
     import portpicker
+
     return portpicker.pick_unused_port()
   except ImportError:
     with socket.socket() as s:
@@ -79,10 +90,17 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("FMCEJAX_COORDINATOR", "FMCEJAX_NUM_PROCESSES", "FMCEJAX_PROCESS_ID")}
-  env.update(PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("FMCEJAX_COORDINATOR", "FMCEJAX_NUM_PROCESSES", "FMCEJAX_PROCESS_ID")
+  }
+  env.update(
+    PYTHONUNBUFFERED="1",
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    **extra,
+  )
   return env
 
 
@@ -95,14 +113,27 @@ class Job:
     self.procs = []
     try:
       for i in range(processes):
-        extra = {} if processes == 1 else {
+        extra = (
+          {}
+          if processes == 1
+          else {
             "FMCEJAX_COORDINATOR": f"127.0.0.1:{port}",
-            "FMCEJAX_NUM_PROCESSES": str(processes), "FMCEJAX_PROCESS_ID": str(i)}
+            "FMCEJAX_NUM_PROCESSES": str(processes),
+            "FMCEJAX_PROCESS_ID": str(i),
+          }
+        )
         devices = 8 if processes == 1 else LOCAL_DEVICES
         with open(self.logs[i], "w") as log:
-          self.procs.append(subprocess.Popen(
-              [sys.executable, "-m", "fmcejax.train", *args], cwd=REPO, env=_env(devices, **extra),
-              stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+          self.procs.append(
+            subprocess.Popen(
+              [sys.executable, "-m", "fmcejax.train", *args],
+              cwd=REPO,
+              env=_env(devices, **extra),
+              stdout=log,
+              stderr=subprocess.STDOUT,
+              start_new_session=True,
+            )
+          )
     except BaseException:
       self.kill()
       raise
@@ -137,8 +168,10 @@ class Job:
     codes = [p.returncode for p in self.procs]
     outputs = [self.output(i) for i in range(len(self.procs))]
     if codes != [0] * len(codes):
-      report = "\n".join(f"--- process {i}: exit status {c} ---\n{o[-3000:]}"
-                         for i, (c, o) in enumerate(zip(codes, outputs)))
+      report = "\n".join(
+        f"--- process {i}: exit status {c} ---\n{o[-3000:]}"
+        for i, (c, o) in enumerate(zip(codes, outputs))
+      )
       pytest.fail(f"job did not finish with exit status 0 everywhere within {timeout} s:\n{report}")
     return outputs
 
@@ -160,14 +193,16 @@ def _checkpoint(workdir: Path):
   """(all steps, the last step's train state as numpy) of a run, on whatever devices we have."""
   import jax
   import orbax.checkpoint as ocp
+
   manager = ocp.CheckpointManager((_run_dir(workdir) / "checkpoints").absolute())
   try:
     steps = sorted(manager.all_steps())
     # The saved shardings name the devices of the job that wrote them (ids of two processes):
     # restore onto one local device instead.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restored = manager.restore(steps[-1], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(fallback_sharding=device)))
+    restored = manager.restore(
+      steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=device))
+    )
     return steps, jax.device_get(restored.state)
   finally:
     manager.close()
@@ -186,6 +221,7 @@ def _assert_same_results(got: dict, want: dict) -> None:
 
 def _assert_same_state(got, want) -> None:
   import jax
+
   got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
   want_leaves = jax.tree_util.tree_flatten_with_path(want)[0]
   assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
@@ -199,8 +235,11 @@ def _assert_same_state(got, want) -> None:
 
 
 def _files(root: Path) -> dict[str, tuple[int, int]]:
-  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+    for p in sorted(root.rglob("*"))
+    if p.is_file()
+  }
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +291,9 @@ def test_sigterm_to_one_host_stops_all_and_resume_matches(tmp_path, mnist_tfds, 
   try:
     deadline = time.monotonic() + TIMEOUT
     while f"epoch 1/{EPOCHS}" not in job.output(0):
-      assert time.monotonic() < deadline and all(p.poll() is None for p in job.procs), (
-          job.output(0)[-3000:])
+      assert time.monotonic() < deadline and all(p.poll() is None for p in job.procs), job.output(
+        0
+      )[-3000:]
       time.sleep(0.05)
     job.procs[0].send_signal(signal.SIGTERM)
   except BaseException:
@@ -263,7 +303,8 @@ def test_sigterm_to_one_host_stops_all_and_resume_matches(tmp_path, mnist_tfds, 
   assert all("SIGTERM received" in o for o in outputs), outputs[1][-2000:]
   steps, _ = _checkpoint(workdir)
   assert STEPS_PER_EPOCH < steps[-1] < STEPS_PER_EPOCH * EPOCHS, (
-      f"expected a mid-epoch-2 checkpoint, got steps {steps}")
+    f"expected a mid-epoch-2 checkpoint, got steps {steps}"
+  )
   assert not (_run_dir(workdir) / "metrics.json").exists()
 
   outputs = _run(_args(workdir, mnist_tfds), tmp_path / "logs_resume", processes=PROCESSES)
@@ -274,17 +315,22 @@ def test_sigterm_to_one_host_stops_all_and_resume_matches(tmp_path, mnist_tfds, 
 
 def test_pipeline_stages_across_processes_then_finished_by_one(tmp_path, mnist_tfds):
   workdir = tmp_path / "w"
-  tiny = ["--config.probe.epochs=6", "--config.probe.train_examples_limit=512",
-          "--config.fmcs.subset_size=256", "--config.fmce_net.epochs=2",
-          "--config.fmce_net.batch_size=64"]
+  tiny = [
+    "--config.probe.epochs=6",
+    "--config.probe.train_examples_limit=512",
+    "--config.fmcs.subset_size=256",
+    "--config.fmce_net.epochs=2",
+    "--config.fmce_net.batch_size=64",
+  ]
   first = _args(workdir, mnist_tfds, "probe,cqi,fmcs_data,fmce_net", 1, 512) + tiny
   outputs = _run(first, tmp_path / "logs_two", processes=PROCESSES)
   assert all("fmcejax: done" in o for o in outputs)
   cqi = json.loads((workdir / "probe" / "cqi.json").read_text())
   index = json.loads((workdir / "fmcs_data" / "index.json").read_text())
   assert index["markers"] == cqi["markers"] and len(cqi["markers"]) == 5
-  snapshots = sorted(int(p.name) for p in (workdir / "probe" / "snapshots").iterdir()
-                     if p.name.isdigit())
+  snapshots = sorted(
+    int(p.name) for p in (workdir / "probe" / "snapshots").iterdir() if p.name.isdigit()
+  )
   assert snapshots == cqi["markers"], "the CQI stage prunes non-marker snapshots"
   for phase in range(5):
     assert np.load(workdir / "fmcs_data" / f"phase_{phase}.npy").shape[0] == 256

@@ -22,11 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "fmcejax_colab.ipynb"
 CELL_TIMEOUT = 600  # seconds; the pipeline cell takes ~1.5 min here
 TINY = {
-    "dataset": "mnist", "backbone": "cnn", "stages": "all", "seeds": 2, "epochs": 1,
-    "train_examples_limit": 512, "test_examples_limit": 256, "batch_size": 64,
-    "eval_batch_size": 256, "probe.epochs": 6, "probe.train_examples_limit": 512,
-    "fmcs.subset_size": 256, "fmce_net.epochs": 2, "fmce_net.batch_size": 64,
-    "progress_bar": False,
+  "dataset": "mnist",
+  "backbone": "cnn",
+  "stages": "all",
+  "seeds": 2,
+  "epochs": 1,
+  "train_examples_limit": 512,
+  "test_examples_limit": 256,
+  "batch_size": 64,
+  "eval_batch_size": 256,
+  "probe.epochs": 6,
+  "probe.train_examples_limit": 512,
+  "fmcs.subset_size": 256,
+  "fmce_net.epochs": 2,
+  "fmce_net.batch_size": 64,
+  "progress_bar": False,
 }
 
 
@@ -48,9 +58,15 @@ def python_kernel(tmp_path, monkeypatch):
   kernel of another Python must not be picked)."""
   spec = tmp_path / "jupyter" / "kernels" / "python3"
   spec.mkdir(parents=True)
-  (spec / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "Python 3 (test)", "language": "python"}))
+  (spec / "kernel.json").write_text(
+    json.dumps(
+      {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (test)",
+        "language": "python",
+      }
+    )
+  )
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("PYTHONUNBUFFERED", "1")
   return "python3"
@@ -62,14 +78,19 @@ def test_notebook_runs_headless_on_real_mnist(tmp_path, mnist_tfds, python_kerne
   index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   workdir = tmp_path / "workdir"
   injected = nbformat.v4.new_code_cell(
-      f"WORKDIR = {str(workdir)!r}\nDATA_DIR = {str(SHARED_DATA)!r}\n"
-      f"TFDS_DATA_DIR = {mnist_tfds!r}\nCONFIG = ''\n"
-      f"OVERRIDES = {TINY!r}\n")
+    f"WORKDIR = {str(workdir)!r}\nDATA_DIR = {str(SHARED_DATA)!r}\n"
+    f"TFDS_DATA_DIR = {mnist_tfds!r}\nCONFIG = ''\n"
+    f"OVERRIDES = {TINY!r}\n"
+  )
   injected.metadata["tags"] = ["injected-parameters"]
   nb.cells.insert(index + 1, injected)
 
-  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=python_kernel,
-                                   resources={"metadata": {"path": str(tmp_path)}})
+  client = nbclient.NotebookClient(
+    nb,
+    timeout=CELL_TIMEOUT,
+    kernel_name=python_kernel,
+    resources={"metadata": {"path": str(tmp_path)}},
+  )
   try:
     client.execute()  # raises CellExecutionError on the first failing cell
   finally:

@@ -8,8 +8,9 @@ from fmcejax import parallel
 
 
 def _conv(x, w):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def test_cpu_options_keep_convolutions_out_of_ynnpack():

@@ -19,8 +19,10 @@ PREPROCESS = functools.partial(steps.normalize, mean=(0.13,), std=(0.31,))
 
 def _batch(n=16, seed=0):
   rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8),
-          "label": rng.integers(0, 10, n).astype(np.int32)}
+  return {
+    "image": rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8),
+    "label": rng.integers(0, 10, n).astype(np.int32),
+  }
 
 
 def _state(lr=0.05, seed=0):
@@ -38,6 +40,7 @@ def _head(module_cls=models.FMCENet):
 
 class _StoppedHead(nn.Module):
   """The FMCE-Net with its input gradient cut: RAL can then no longer reach the backbone."""
+
   num_phases: int
   width: int
   depth: int
@@ -45,12 +48,12 @@ class _StoppedHead(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     return models.FMCENet(self.num_phases, self.width, self.depth, name="net")(
-        jax.lax.stop_gradient(x), train=train)
+      jax.lax.stop_gradient(x), train=train
+    )
 
 
 def _run(state, batch, n, head=None, head_vars=None, loss=steps.Loss()):
-  step = jax.jit(functools.partial(steps.train_step, preprocess=PREPROCESS, head=head,
-                                   loss=loss))
+  step = jax.jit(functools.partial(steps.train_step, preprocess=PREPROCESS, head=head, loss=loss))
   metrics = []
   for i in range(n):
     state, m = step(state, batch, jax.random.PRNGKey(i), head_vars)
@@ -59,7 +62,6 @@ def _run(state, batch, n, head=None, head_vars=None, loss=steps.Loss()):
 
 
 class TrainStepTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_lowers_loss_on_a_fixed_batch(self):
     batch = _batch()
@@ -79,8 +81,9 @@ def test_alpha_zero_is_exactly_the_baseline_update():
   batch = _batch()
   head, head_vars = _head()
   base, _ = _run(_state(), batch, 3)
-  ral, metrics = _run(_state(), batch, 3, head, head_vars,
-                      steps.Loss(alpha=optax.constant_schedule(0.0)))
+  ral, metrics = _run(
+    _state(), batch, 3, head, head_vars, steps.Loss(alpha=optax.constant_schedule(0.0))
+  )
   chex.assert_trees_all_equal(base.params, ral.params)
   chex.assert_trees_all_equal(base.batch_stats, ral.batch_stats)
   assert all(np.isfinite(m["conv"]) for m in metrics)
@@ -90,8 +93,9 @@ def test_frozen_head_is_not_trained_and_not_in_the_optimizer_state():
   batch = _batch()
   head, head_vars = _head()
   before = jax.tree.map(np.array, head_vars)
-  state, _ = _run(_state(), batch, 10, head, head_vars,
-                  steps.Loss(alpha=optax.constant_schedule(0.5)))
+  state, _ = _run(
+    _state(), batch, 10, head, head_vars, steps.Loss(alpha=optax.constant_schedule(0.5))
+  )
   chex.assert_trees_all_equal(before, jax.device_get(head_vars))
   backbone_leaves = {x.shape for x in jax.tree.leaves(state.params)}
   head_only = [x for x in jax.tree.leaves(head_vars["params"]) if x.shape not in backbone_leaves]
@@ -119,8 +123,10 @@ def test_ral_gradient_flows_through_the_head(mode):
   scale = 1.0 - alpha if mode == "convex" else 1.0
   ce_only = jax.tree.map(lambda d: scale * d, delta(base))
   chex.assert_trees_all_close(delta(cut), ce_only, rtol=1e-5, atol=1e-7)
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-      jax.tree.leaves(delta(ral)), jax.tree.leaves(ce_only)))
+  diff = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(delta(ral)), jax.tree.leaves(ce_only))
+  )
   assert diff > 1e-4, "RAL did not change the backbone gradient"
 
 
@@ -130,8 +136,9 @@ def _log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("mode,target", [("convex", "phase"), ("additive", "phase"),
-                                         ("convex", "regression")])
+@pytest.mark.parametrize(
+  "mode,target", [("convex", "phase"), ("additive", "phase"), ("convex", "regression")]
+)
 def test_ral_value_matches_a_hand_computation(mode, target):
   rng = np.random.default_rng(3)
   logits, labels = rng.normal(size=(4, 3)), np.array([0, 2, 1, 1])
@@ -143,9 +150,13 @@ def test_ral_value_matches_a_hand_computation(mode, target):
     probs = np.exp(_log_softmax(head_logits))
     conv = np.mean((1.0 - probs @ (np.arange(K) / (K - 1))) ** 2)
   expected = (1 - alpha) * ce + alpha * conv if mode == "convex" else ce + alpha * conv
-  value, parts = steps.ral_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
-                                jnp.asarray(head_logits, jnp.float32), jnp.float32(alpha),
-                                steps.Loss(mode=mode, target=target))
+  value, parts = steps.ral_loss(
+    jnp.asarray(logits, jnp.float32),
+    jnp.asarray(labels),
+    jnp.asarray(head_logits, jnp.float32),
+    jnp.float32(alpha),
+    steps.Loss(mode=mode, target=target),
+  )
   np.testing.assert_allclose(float(value), expected, rtol=1e-5)
   np.testing.assert_allclose(float(parts["ce"]), ce, rtol=1e-5)
   np.testing.assert_allclose(float(parts["conv"]), conv, rtol=1e-5)
@@ -156,8 +167,9 @@ def test_fmcs_scores_and_prediction():
   probs = np.array([[1.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0], [0.2] * 5, [0, 0.5, 0, 0.5, 0]])
   with np.errstate(divide="ignore"):
     logits = jnp.asarray(np.log(probs), jnp.float32)  # softmax(log p) = p
-  chex.assert_trees_all_close(steps.predicted_fmcs(logits), np.array([0.0, 1.0, 0.5, 0.5]),
-                              atol=1e-6)
+  chex.assert_trees_all_close(
+    steps.predicted_fmcs(logits), np.array([0.0, 1.0, 0.5, 0.5]), atol=1e-6
+  )
   with pytest.raises(ValueError):
     steps.fmcs_scores(1)
 
@@ -177,9 +189,11 @@ def test_nonfinite_batch_is_skipped_and_flagged():
 def test_eval_step_ignores_padding_rows():
   state = _state()
   batch = _batch(8)
-  padded = {"image": np.concatenate([batch["image"], np.zeros((8, *SHAPE), np.uint8)]),
-            "label": np.concatenate([batch["label"], np.zeros(8, np.int32)]),
-            "mask": np.concatenate([np.ones(8, np.float32), np.zeros(8, np.float32)])}
+  padded = {
+    "image": np.concatenate([batch["image"], np.zeros((8, *SHAPE), np.uint8)]),
+    "label": np.concatenate([batch["label"], np.zeros(8, np.int32)]),
+    "mask": np.concatenate([np.ones(8, np.float32), np.zeros(8, np.float32)]),
+  }
   full = steps.eval_step(state, {**batch, "mask": np.ones(8, np.float32)}, preprocess=PREPROCESS)
   masked = steps.eval_step(state, padded, preprocess=PREPROCESS)
   chex.assert_trees_all_close(full, masked, rtol=1e-6)
@@ -196,9 +210,12 @@ def test_eight_devices_match_one_device():
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.make_mesh(devices)
     repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    step = jax.jit(functools.partial(steps.train_step, preprocess=PREPROCESS),
-                   in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl),
-                   donate_argnums=0)
+    step = jax.jit(
+      functools.partial(steps.train_step, preprocess=PREPROCESS),
+      in_shardings=(repl, data, repl, repl),
+      out_shardings=(repl, repl),
+      donate_argnums=0,
+    )
     state = jax.jit(lambda: _state(), out_shardings=repl)()
     for i in range(5):
       state, _ = step(state, parallel.global_batch(batch, mesh), jax.random.PRNGKey(i), None)

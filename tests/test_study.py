@@ -18,28 +18,48 @@ import scipy.stats
 from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--study.alphas=0.1,0.3", "--study.modules=conv2,conv3", "--config.seeds=2",
-        "--config.train_examples_limit=1024", "--config.test_examples_limit=256",
-        "--config.batch_size=64", "--config.eval_batch_size=128", "--config.epochs=1",
-        "--config.probe.epochs=6", "--config.probe.train_examples_limit=512",
-        "--config.fmcs.subset_size=256", "--config.fmce_net.epochs=2",
-        "--config.fmce_net.batch_size=64", "--config.checkpoint_every_steps=4",
-        "--config.progress_bar=False", f"--config.data_dir={SHARED_DATA}"]
+TINY = [
+  "--study.alphas=0.1,0.3",
+  "--study.modules=conv2,conv3",
+  "--config.seeds=2",
+  "--config.train_examples_limit=1024",
+  "--config.test_examples_limit=256",
+  "--config.batch_size=64",
+  "--config.eval_batch_size=128",
+  "--config.epochs=1",
+  "--config.probe.epochs=6",
+  "--config.probe.train_examples_limit=512",
+  "--config.fmcs.subset_size=256",
+  "--config.fmce_net.epochs=2",
+  "--config.fmce_net.batch_size=64",
+  "--config.checkpoint_every_steps=4",
+  "--config.progress_bar=False",
+  f"--config.data_dir={SHARED_DATA}",
+]
 
 
 def _command(workdir, tfds_dir, *extra):
-  return [sys.executable, "-m", "fmcejax.study", f"--workdir={workdir}",
-          f"--config.tfds_data_dir={tfds_dir}", *TINY, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "fmcejax.study",
+    f"--workdir={workdir}",
+    f"--config.tfds_data_dir={tfds_dir}",
+    *TINY,
+    *extra,
+  ]
 
 
 def _run(workdir, tfds_dir, *extra, timeout=1200):
-  return subprocess.run(_command(workdir, tfds_dir, *extra), cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    _command(workdir, tfds_dir, *extra), cwd=REPO, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _mtimes(workdir):
-  return {str(p.relative_to(workdir)): p.stat().st_mtime_ns
-          for p in Path(workdir).rglob("metrics.json")}
+  return {
+    str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in Path(workdir).rglob("metrics.json")
+  }
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +85,16 @@ def test_the_grid_and_its_outputs(study):
 @pytest.mark.slow
 def test_arms_pair_with_the_baseline_of_the_same_seed_and_the_ci_is_student_t(study):
   workdir, summary = study
-  base = [json.loads((workdir / "baseline" / f"seed_{s}" / "metrics.json").read_text())[
-      "test_accuracy"] for s in (0, 1)]
+  base = [
+    json.loads((workdir / "baseline" / f"seed_{s}" / "metrics.json").read_text())["test_accuracy"]
+    for s in (0, 1)
+  ]
   assert summary["baseline_accuracy"] == base
   for arm in summary["arms"]:
-    runs = [json.loads((workdir / "arms" / arm["name"] / f"seed_{s}" / "metrics.json")
-                       .read_text()) for s in (0, 1)]
+    runs = [
+      json.loads((workdir / "arms" / arm["name"] / f"seed_{s}" / "metrics.json").read_text())
+      for s in (0, 1)
+    ]
     gains = [(r["test_accuracy"] - b) * 100 for r, b in zip(runs, base)]
     assert arm["gains_pp"] == pytest.approx(gains) and arm["n"] == 2
     mean, std = np.mean(gains), np.std(gains, ddof=1)
@@ -85,13 +109,19 @@ def test_shared_work_runs_once_and_a_rerun_redoes_nothing(study, mnist_tfds):
   modules = Path(workdir) / "modules"
   assert sorted(p.name for p in modules.iterdir()) == ["conv2", "conv3"]
   assert sorted(p.name for p in (modules / "conv2").iterdir()) == [
-      "fmce_net", "fmce_net_shuffled", "fmcs_data"]  # the controls' module only
+    "fmce_net",
+    "fmce_net_shuffled",
+    "fmcs_data",
+  ]  # the controls' module only
   assert sorted(p.name for p in (modules / "conv3").iterdir()) == ["fmce_net", "fmcs_data"]
   assert sorted(p.name for p in (Path(workdir) / "baseline").iterdir()) == ["seed_0", "seed_1"]
   before = _mtimes(workdir)
   # Both alphas' arms on conv2 read the FMCE-Net trained before the first of them ran.
-  first_arm = min(before[f"arms/{a['name']}/seed_0/metrics.json"] for a in summary["arms"]
-                  if a["module"] == "conv2")
+  first_arm = min(
+    before[f"arms/{a['name']}/seed_0/metrics.json"]
+    for a in summary["arms"]
+    if a["module"] == "conv2"
+  )
   assert before["modules/conv2/fmce_net/metrics.json"] < first_arm
   again = _run(workdir, mnist_tfds)
   assert again.returncode == 0, again.stderr[-3000:]
@@ -102,8 +132,9 @@ def test_shared_work_runs_once_and_a_rerun_redoes_nothing(study, mnist_tfds):
 @pytest.mark.slow
 def test_the_control_heads_know_nothing(study):
   workdir, _ = study
-  shuffled = json.loads((Path(workdir) / "modules/conv2/fmce_net_shuffled/metrics.json")
-                        .read_text())
+  shuffled = json.loads(
+    (Path(workdir) / "modules/conv2/fmce_net_shuffled/metrics.json").read_text()
+  )
   trained = json.loads((Path(workdir) / "modules/conv2/fmce_net/metrics.json").read_text())
   assert shuffled["labels"] == "shuffled"
   # Chance is 1/K: its mean probability of the true phase is there, and its argmax (all but
@@ -112,16 +143,21 @@ def test_the_control_heads_know_nothing(study):
   assert shuffled["phase_accuracy"] <= 0.4 < trained["phase_accuracy"], (shuffled, trained)
   from fmcejax import fmce_net, parallel
   from fmcejax.configs import mnist_cnn
+
   config = mnist_cnn.get_config()
   data = Path(workdir) / "modules/conv2/fmcs_data"
   mesh = parallel.make_mesh()
   head, random = fmce_net.head(config, data, None, "conv2", jnp.float32, mesh, seed=0)
-  _, trained = fmce_net.head(config, data, Path(workdir) / "modules/conv2/fmce_net", "conv2",
-                             jnp.float32, mesh, seed=0)
+  _, trained = fmce_net.head(
+    config, data, Path(workdir) / "modules/conv2/fmce_net", "conv2", jnp.float32, mesh, seed=0
+  )
   fresh = head.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 7, 7, 32)), train=False)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(random), jax.device_get(fresh))
-  differs = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                                         jax.device_get(trained), jax.device_get(random)))
+  differs = jax.tree.leaves(
+    jax.tree.map(
+      lambda a, b: not np.array_equal(a, b), jax.device_get(trained), jax.device_get(random)
+    )
+  )
   assert any(differs)
 
 
@@ -129,8 +165,13 @@ def test_the_control_heads_know_nothing(study):
 def test_a_killed_study_resumes_to_the_same_study_json(tmp_path, mnist_tfds, study):
   _, summary = study
   workdir = tmp_path / "w"
-  proc = subprocess.Popen(_command(workdir, mnist_tfds), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _command(workdir, mnist_tfds),
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   checkpoints = workdir / "arms" / "trained_conv2_convex_a0.3" / "seed_0" / "checkpoints"
   deadline = time.time() + 900
   while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
@@ -143,14 +184,22 @@ def test_a_killed_study_resumes_to_the_same_study_json(tmp_path, mnist_tfds, stu
   assert json.loads((workdir / "study.json").read_text()) == summary
 
 
-@pytest.mark.parametrize("override,field", [
+@pytest.mark.parametrize(
+  "override,field",
+  [
     ("--study.modules=conv9", "study.modules"),
     ("--study.alphas=0.1,1.5", "study.alphas"),
     ("--study.controls=shuffled,noise", "study.controls"),
-])
+  ],
+)
 def test_bad_grid_values_exit_2_naming_the_field(tmp_path, override, field):
-  result = subprocess.run([sys.executable, "-m", "fmcejax.study", f"--workdir={tmp_path / 'w'}",
-                           override], cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "fmcejax.study", f"--workdir={tmp_path / 'w'}", override],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   assert f"'{field}'" in result.stderr.strip().splitlines()[-1]
   assert not (tmp_path / "w").exists()

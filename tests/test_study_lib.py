@@ -31,27 +31,42 @@ def _grid(**fields):
 
 def test_study_config_fields_are_strings_with_the_contract_defaults():
   study = study_lib.study_config()
-  assert dict(study) == {"alphas": "0.1", "modules": "", "variants": "convex",
-                         "controls": "shuffled,random", "control_alpha": "",
-                         "control_module": ""}
+  assert dict(study) == {
+    "alphas": "0.1",
+    "modules": "",
+    "variants": "convex",
+    "controls": "shuffled,random",
+    "control_alpha": "",
+    "control_module": "",
+  }
 
 
 def test_default_grid_is_one_arm_on_the_default_module_and_both_controls():
   arms = _grid()
   assert [(a.head, a.module, a.variant, a.alpha) for a in arms] == [
-      ("trained", "conv3", "convex", 0.1), ("shuffled", "conv3", "convex", 0.1),
-      ("random", "conv3", "convex", 0.1)]
+    ("trained", "conv3", "convex", 0.1),
+    ("shuffled", "conv3", "convex", 0.1),
+    ("random", "conv3", "convex", 0.1),
+  ]
 
 
 def test_grid_counts_names_and_controls():
-  arms = _grid(alphas="0.03,0.1,0.3", modules="conv2,conv3", variants="convex,additive",
-               control_alpha="0.30", control_module="conv2")
+  arms = _grid(
+    alphas="0.03,0.1,0.3",
+    modules="conv2,conv3",
+    variants="convex,additive",
+    control_alpha="0.30",
+    control_module="conv2",
+  )
   trained = [a for a in arms if a.head == "trained"]
   controls = [a for a in arms if a.head != "trained"]
   assert len(trained) == 3 * 2 * 2 and [a.head for a in controls] == ["shuffled", "random"]
   assert {(a.alpha, a.module, a.variant) for a in trained} == {
-      (al, m, v) for al in (0.03, 0.1, 0.3) for m in ("conv2", "conv3")
-      for v in ("convex", "additive")}
+    (al, m, v)
+    for al in (0.03, 0.1, 0.3)
+    for m in ("conv2", "conv3")
+    for v in ("convex", "additive")
+  }
   names = [a.name for a in arms]
   assert len(set(names)) == len(names)
   assert all(set(n) <= set("abcdefghijklmnopqrstuvwxyz0123456789_.-") for n in names)
@@ -66,9 +81,14 @@ def test_controls_can_be_empty():
   assert [a.head for a in _grid(controls="", alphas="0.1,0.3")] == ["trained", "trained"]
 
 
-@pytest.mark.parametrize("variant, ral, target", [("convex", "convex", "phase"),
-                                                  ("additive", "additive", "phase"),
-                                                  ("regression", "convex", "regression")])
+@pytest.mark.parametrize(
+  "variant, ral, target",
+  [
+    ("convex", "convex", "phase"),
+    ("additive", "additive", "phase"),
+    ("regression", "convex", "regression"),
+  ],
+)
 def test_arm_sets_the_run_config_fields(variant, ral, target):
   arm = _grid(variants=variant, controls="", modules="conv2", alphas="0.3")[0]
   config = mnist_cnn.get_config()
@@ -80,7 +100,9 @@ def test_arm_sets_the_run_config_fields(variant, ral, target):
   config_lib.validate(run, device_count=1, process_count=1, check_data=False)
 
 
-@pytest.mark.parametrize("field, value, expected", [
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
     ("modules", "conv9", "conv1, conv2, conv3"),
     ("modules", "conv2,conv2", "Repeated"),
     ("alphas", "1.5", r"\[0, 1\]"),
@@ -95,7 +117,8 @@ def test_arm_sets_the_run_config_fields(variant, ral, target):
     ("control_alpha", "0.5", "one of the study's alphas"),
     ("control_alpha", "x", "one of the study's alphas"),
     ("control_module", "conv1", "one of the study's modules"),
-])
+  ],
+)
 def test_bad_grid_values_name_the_field(field, value, expected):
   with pytest.raises(config_lib.ConfigError, match=f"'study.{field}'") as error:
     _grid(**{field: value})
@@ -145,8 +168,10 @@ def test_one_seed_has_no_ci():
 
 
 def test_fmcs_per_epoch_is_the_mean_over_seeds_by_epoch():
-  histories = [[{"epoch": 1, "fmcs": 0.2}, {"epoch": 2, "fmcs": 0.6}],
-               [{"epoch": 2, "fmcs": 0.8}, {"epoch": 1, "fmcs": None}]]
+  histories = [
+    [{"epoch": 1, "fmcs": 0.2}, {"epoch": 2, "fmcs": 0.6}],
+    [{"epoch": 2, "fmcs": 0.8}, {"epoch": 1, "fmcs": None}],
+  ]
   assert study_lib.fmcs_per_epoch(histories) == pytest.approx([0.2, 0.7])
   assert study_lib.fmcs_per_epoch([[{"epoch": 1, "fmcs": None}]]) == [None]
 
@@ -156,17 +181,20 @@ def test_fmcs_per_epoch_is_the_mean_over_seeds_by_epoch():
 
 
 def _metrics(accuracy, fmcs):
-  return {"test_accuracy": accuracy,
-          "history": [{"epoch": e, "fmcs": fmcs * e, "test_accuracy": accuracy} for e in (1, 2)]}
+  return {
+    "test_accuracy": accuracy,
+    "history": [{"epoch": e, "fmcs": fmcs * e, "test_accuracy": accuracy} for e in (1, 2)],
+  }
 
 
 def _fake_study(arms):
   seeds = (2, 0, 1)
   baseline = {s: _metrics(0.70 + 0.01 * s, 0.1) for s in seeds}
-  runs = [(arm, {s: _metrics(0.70 + 0.01 * s + 0.002 * (i + s), 0.3) for s in seeds})
-          for i, arm in enumerate(arms)]
-  return study_lib.build_study(dataset="cifar10_jpeg", backbone="cnn", baseline=baseline,
-                               arms=runs)
+  runs = [
+    (arm, {s: _metrics(0.70 + 0.01 * s + 0.002 * (i + s), 0.3) for s in seeds})
+    for i, arm in enumerate(arms)
+  ]
+  return study_lib.build_study(dataset="cifar10_jpeg", backbone="cnn", baseline=baseline, arms=runs)
 
 
 def test_build_study_has_the_contract_keys_in_seed_order():
@@ -186,9 +214,12 @@ def test_build_study_has_the_contract_keys_in_seed_order():
 def test_build_study_refuses_an_arm_missing_a_seed():
   arm = _grid(controls="")[0]
   with pytest.raises(ValueError, match="same seeds"):
-    study_lib.build_study(dataset="d", backbone="b", baseline={0: _metrics(0.5, 0.1),
-                                                               1: _metrics(0.5, 0.1)},
-                          arms=[(arm, {0: _metrics(0.5, 0.1)})])
+    study_lib.build_study(
+      dataset="d",
+      backbone="b",
+      baseline={0: _metrics(0.5, 0.1), 1: _metrics(0.5, 0.1)},
+      arms=[(arm, {0: _metrics(0.5, 0.1)})],
+    )
 
 
 def test_write_study_files(tmp_path):
@@ -241,11 +272,13 @@ def test_forest_plot_groups_arms_by_module(tmp_path):
 def test_study_config_takes_command_line_overrides():
   from absl import flags
   from ml_collections import config_flags
+
   argv = ["prog", "--study.alphas=0.03,0.1,0.3", "--study.control_alpha=0.3", "--study.controls="]
   flag_values = flags.FlagValues()
   # config_flags registers the override flags from the argv it is given when defined.
-  config_flags.DEFINE_config_dict("study", study_lib.study_config(), flag_values=flag_values,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_dict(
+    "study", study_lib.study_config(), flag_values=flag_values, sys_argv=argv
+  )
   flag_values(argv)
   study = flag_values.study
   assert isinstance(study, ml_collections.ConfigDict)

@@ -22,16 +22,22 @@ torch = pytest.importorskip("torch")
 from fmcejax import torch_ref  # noqa: E402  (needs torch)
 
 MNIST, CIFAR = (28, 28, 1), (32, 32, 3)
-CASES = [("cnn", MNIST), ("cnn", CIFAR), ("resnet18", CIFAR), ("resnet50", CIFAR),
-         ("shufflenet_v2", CIFAR)]
+CASES = [
+  ("cnn", MNIST),
+  ("cnn", CIFAR),
+  ("resnet18", CIFAR),
+  ("resnet50", CIFAR),
+  ("shufflenet_v2", CIFAR),
+]
 K = 5
 MEAN, STD = (0.13,), (0.31,)
 
 
 def _random_variables(module, shape, seed=0):
   """Variables of `module` for inputs `shape`, every entry random and of sane magnitude."""
-  abstract = jax.eval_shape(lambda: module.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+  abstract = jax.eval_shape(
+    lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
+  )
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -52,8 +58,9 @@ def _nchw(x):
 @pytest.mark.parametrize("name,shape", CASES)
 def test_parameter_counts_match(name, shape):
   model = models.create_backbone(name, 10)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+  abstract = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
+  )
   torch_model = torch_ref.create_backbone(name, 10, shape[-1])
   assert torch_ref.param_count(torch_model) == models.param_count(abstract["params"])
 
@@ -72,8 +79,9 @@ def test_eval_logits_and_features_match(name, shape):
   np.testing.assert_allclose(torch_logits.numpy(), logits, atol=1e-4, rtol=1e-4)
   assert set(torch_features) == set(features) == set(models.STAGES[name])
   for stage, fmap in features.items():
-    np.testing.assert_allclose(torch_features[stage].permute(0, 2, 3, 1).numpy(), fmap,
-                               atol=1e-4, rtol=1e-4, err_msg=stage)
+    np.testing.assert_allclose(
+      torch_features[stage].permute(0, 2, 3, 1).numpy(), fmap, atol=1e-4, rtol=1e-4, err_msg=stage
+    )
 
 
 def test_imagenet_stem_shufflenet_matches():
@@ -99,8 +107,9 @@ def test_fmce_net_head_matches(feature_shape):
   torch_ref.copy_flax_variables(torch_head, variables)
   with torch.no_grad():
     torch_logits = torch_ref.frozen(torch_head)(_nchw(x))
-  np.testing.assert_allclose(torch_logits.numpy(), head.apply(variables, x, train=False),
-                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    torch_logits.numpy(), head.apply(variables, x, train=False), atol=1e-4, rtol=1e-4
+  )
 
 
 def test_copy_rejects_a_mismatched_model():
@@ -113,11 +122,15 @@ def _cnn_pair(optimizer_kwargs):
   """The same cnn + frozen head in Flax (a TrainState) and torch, and a uint8 batch."""
   model = models.create_backbone("cnn", 10)
   variables = _random_variables(model, MNIST)
-  tx = steps.create_optimizer("sgd", optax.constant_schedule(optimizer_kwargs["lr"]),
-                              weight_decay=optimizer_kwargs["weight_decay"],
-                              momentum=optimizer_kwargs["momentum"])
-  state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                  batch_stats=variables["batch_stats"])
+  tx = steps.create_optimizer(
+    "sgd",
+    optax.constant_schedule(optimizer_kwargs["lr"]),
+    weight_decay=optimizer_kwargs["weight_decay"],
+    momentum=optimizer_kwargs["momentum"],
+  )
+  state = steps.TrainState.create(
+    apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+  )
   head_model = models.FMCENet(num_phases=K, width=16, depth=2)
   head_variables = _random_variables(head_model, (7, 7, 64), seed=3)
   torch_model = torch_ref.create_backbone("cnn", 10, 1)
@@ -125,26 +138,43 @@ def _cnn_pair(optimizer_kwargs):
   torch_head = torch_ref.FMCENet(K, (7, 7, 64), width=16, depth=2)
   torch_ref.copy_flax_variables(torch_head, head_variables)
   rng = np.random.default_rng(4)
-  batch = {"image": rng.integers(0, 256, (8, *MNIST), dtype=np.uint8),
-           "label": rng.integers(0, 10, 8).astype(np.int32)}
-  return (state, steps.Head(model=head_model, module="conv3"), head_variables,
-          torch_model, torch_ref.frozen(torch_head), batch)
+  batch = {
+    "image": rng.integers(0, 256, (8, *MNIST), dtype=np.uint8),
+    "label": rng.integers(0, 10, 8).astype(np.int32),
+  }
+  return (
+    state,
+    steps.Head(model=head_model, module="conv3"),
+    head_variables,
+    torch_model,
+    torch_ref.frozen(torch_head),
+    batch,
+  )
 
 
 def _jax_step(state, head, head_variables, batch, alpha):
-  step = jax.jit(functools.partial(
-      steps.train_step, preprocess=functools.partial(steps.normalize, mean=MEAN, std=STD),
-      head=head, loss=steps.Loss(alpha=optax.constant_schedule(alpha))))
+  step = jax.jit(
+    functools.partial(
+      steps.train_step,
+      preprocess=functools.partial(steps.normalize, mean=MEAN, std=STD),
+      head=head,
+      loss=steps.Loss(alpha=optax.constant_schedule(alpha)),
+    )
+  )
   new_state, metrics = step(state, batch, jax.random.PRNGKey(0), head_variables)
   return jax.device_get(new_state), jax.device_get(metrics)
 
 
 def _torch_step(torch_model, torch_head, batch, alpha, **optimizer_kwargs):
-  optimizer = torch_ref.create_optimizer(torch_model, optimizer_kwargs["lr"],
-                                         weight_decay=optimizer_kwargs["weight_decay"],
-                                         momentum=optimizer_kwargs["momentum"])
-  train = torch_ref.TrainStep(torch_model, optimizer, mean=MEAN, std=STD, head=torch_head,
-                              module="conv3", alpha=alpha)
+  optimizer = torch_ref.create_optimizer(
+    torch_model,
+    optimizer_kwargs["lr"],
+    weight_decay=optimizer_kwargs["weight_decay"],
+    momentum=optimizer_kwargs["momentum"],
+  )
+  train = torch_ref.TrainStep(
+    torch_model, optimizer, mean=MEAN, std=STD, head=torch_head, module="conv3", alpha=alpha
+  )
   return train(torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"]).long())
 
 
@@ -160,8 +190,9 @@ def test_ral_gradient_through_the_frozen_head_matches():
     model = torch_ref.create_backbone("cnn", 10, 1)
     model.load_state_dict(torch_model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # zero_grad/step only
-    train = torch_ref.TrainStep(model, optimizer, mean=MEAN, std=STD, head=torch_head,
-                                module="conv3", alpha=alpha)
+    train = torch_ref.TrainStep(
+      model, optimizer, mean=MEAN, std=STD, head=torch_head, module="conv3", alpha=alpha
+    )
     loss = train(torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"]).long())
     grads[alpha] = model.conv2.weight.grad.permute(2, 3, 1, 0).numpy()
   assert all(p.grad is None for p in torch_head.parameters())
@@ -179,7 +210,8 @@ def test_one_ral_step_with_nesterov_and_weight_decay_matches():
   loss = _torch_step(torch_model, torch_head, batch, 0.1, **sgd)
   np.testing.assert_allclose(float(loss), metrics["loss"], rtol=1e-5)
   expected = torch_ref.create_backbone("cnn", 10, 1)
-  torch_ref.copy_flax_variables(expected, {"params": new_state.params,
-                                           "batch_stats": state.batch_stats})
+  torch_ref.copy_flax_variables(
+    expected, {"params": new_state.params, "batch_stats": state.batch_stats}
+  )
   for (name, p), q in zip(torch_model.named_parameters(), expected.parameters()):
     np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), atol=1e-5, err_msg=name)

@@ -30,19 +30,28 @@ def _elements(n, seed=0):
 
 
 def _job(epochs=2, identity=None, train_map=None, preprocess=PREPROCESS, workers=0):
-  train = input_pipeline.epoch_batches(grain.MapDataset.source(_elements(128)), global_batch=32,
-                                       epochs=epochs, seed=0)
+  train = input_pipeline.epoch_batches(
+    grain.MapDataset.source(_elements(128)), global_batch=32, epochs=epochs, seed=0
+  )
   if train_map is not None:
     train = train.map_with_index(train_map)
   lr = steps.learning_rate_schedule(0.05, "cosine", 2, 4 * epochs)
   evals = grain.MapDataset.source(_elements(40, seed=1))
   return trainer.Job(
-      model=models.create_backbone("cnn", 10), preprocess=preprocess, input_shape=SHAPE,
-      train_data=input_pipeline.HostBatches(train, parallel.make_mesh(), workers),
-      steps_per_epoch=4, epochs=epochs, global_batch=32,
-      tx=steps.create_optimizer("sgd", lr, weight_decay=5e-4), learning_rate=lr, seed=0,
-      identity=identity or {"job": "test"},
-      eval_data=evals, eval_batch_size=16)
+    model=models.create_backbone("cnn", 10),
+    preprocess=preprocess,
+    input_shape=SHAPE,
+    train_data=input_pipeline.HostBatches(train, parallel.make_mesh(), workers),
+    steps_per_epoch=4,
+    epochs=epochs,
+    global_batch=32,
+    tx=steps.create_optimizer("sgd", lr, weight_decay=5e-4),
+    learning_rate=lr,
+    seed=0,
+    identity=identity or {"job": "test"},
+    eval_data=evals,
+    eval_batch_size=16,
+  )
 
 
 def _fit(job, run_dir, hook=None, **options):
@@ -51,12 +60,13 @@ def _fit(job, run_dir, hook=None, **options):
 
 
 def _same(a, b):
-  chex.assert_trees_all_equal(jax.device_get(a["state"].params),
-                              jax.device_get(b["state"].params))
-  chex.assert_trees_all_equal(jax.device_get(a["state"].batch_stats),
-                              jax.device_get(b["state"].batch_stats))
-  chex.assert_trees_all_equal(jax.device_get(a["state"].opt_state),
-                              jax.device_get(b["state"].opt_state))
+  chex.assert_trees_all_equal(jax.device_get(a["state"].params), jax.device_get(b["state"].params))
+  chex.assert_trees_all_equal(
+    jax.device_get(a["state"].batch_stats), jax.device_get(b["state"].batch_stats)
+  )
+  chex.assert_trees_all_equal(
+    jax.device_get(a["state"].opt_state), jax.device_get(b["state"].opt_state)
+  )
   assert a["history"] == b["history"]
   assert a["steps"] == b["steps"]
 
@@ -95,8 +105,9 @@ def test_crash_mid_epoch_resumes_from_the_step_checkpoint(tmp_path, straight):
 
   with pytest.raises(Exception):
     _fit(_job(train_map=fail_once_at_batch_6), tmp_path, checkpoint_every_steps=2)
-  steps_saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                       if p.name.isdigit())
+  steps_saved = sorted(
+    int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
+  )
   assert steps_saved and steps_saved[-1] <= 6
   _same(_fit(_job(), tmp_path, checkpoint_every_steps=2), straight)
 
@@ -115,6 +126,7 @@ def test_sigterm_checkpoints_and_resume_equals_the_straight_run(tmp_path, straig
 def test_loader_workers_change_nothing_and_resume_with_another_count(tmp_path, straight):
   """Grain worker processes load the same batches: preempted with 2 workers, resumed in-process,
   the run equals the straight one."""
+
   def preempt_after_epoch_1(epoch, state, history):
     if epoch == 1:
       os.kill(os.getpid(), signal.SIGTERM)
@@ -151,7 +163,9 @@ def test_nonfinite_batch_can_be_skipped(tmp_path):
 
 def test_checkpoint_of_another_job_is_refused(tmp_path):
   _fit(_job(epochs=1, identity={"backbone": "cnn", "seed": 0}), tmp_path)
-  with pytest.raises(checkpointing.CheckpointMismatch, match="seed: checkpoint has 0, this run has 1"):
+  with pytest.raises(
+    checkpointing.CheckpointMismatch, match="seed: checkpoint has 0, this run has 1"
+  ):
     _fit(_job(epochs=1, identity={"backbone": "cnn", "seed": 1}), tmp_path)
 
 

@@ -16,6 +16,7 @@ from fmcejax import config_lib, fmcs_data, workdir
 
 class FakeGCS(MemoryFileSystem):
   """gs:// kept in memory: no rename, no locks, objects appear when written whole."""
+
   protocol = ("gs", "gcs")
   store: dict = {}
   pseudo_dirs = [""]
@@ -32,8 +33,9 @@ def bucket():
 
 def test_atomic_write_json_replaces_nan(tmp_path):
   path = tmp_path / "sub" / "x.json"
-  workdir.write_json(path, {"a": float("nan"), "b": [np.float32(1.5), np.inf], "c": np.arange(2),
-                            "d": (1, True)})
+  workdir.write_json(
+    path, {"a": float("nan"), "b": [np.float32(1.5), np.inf], "c": np.arange(2), "d": (1, True)}
+  )
   text = path.read_text()
   assert "NaN" not in text and "Infinity" not in text and text.endswith("\n")
   assert json.loads(text) == {"a": None, "b": [1.5, None], "c": [0, 1], "d": [1, True]}
@@ -70,8 +72,10 @@ def test_fmcs_files_on_an_object_store_read_back(bucket):
   features = np.random.default_rng(0).normal(size=(3, 4, 4, 2)).astype(np.float32)
   for phase in range(2):
     fmcs_data._write_phase(bucket / "fmcs", phase, features + phase, "float32")
-  workdir.write_json(bucket / "fmcs" / "index.json", {
-      "num_phases": 2, "storage_dtype": "float32", "train_images": [0, 2], "holdout_images": [1]})
+  workdir.write_json(
+    bucket / "fmcs" / "index.json",
+    {"num_phases": 2, "storage_dtype": "float32", "train_images": [0, 2], "holdout_images": [1]},
+  )
   source = fmcs_data.Source(bucket / "fmcs", "train")
   assert len(source) == 4 and source.feature_shape == (4, 4, 2)
   np.testing.assert_array_equal(source[3]["image"], features[2] + 1)
