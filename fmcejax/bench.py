@@ -2,37 +2,29 @@
 
 `python -m fmcejax.bench --backbone resnet18 --batch_size 128` prints a table and writes JSON.
 
-The JAX step is `trainer.jit_train_step`, as `trainer.fit` runs it (state replicated and donated,
-batch sharded over `parallel.make_mesh()`), compiled ahead of time so compilation is timed on its
-own, then timed one device-synchronised step at a time (`jax.block_until_ready`) on a fixed device
-batch; the input pipeline is timed separately. The RAL step is `train_with_head`: a frozen
-`models.FMCENet` on the backbone's `models.DEFAULT_MODULE` map, alpha 0.1 (convex, phase target).
-The PyTorch reference (`torch_ref`) runs on the same (first) device, eager and under
-`torch.compile`, from the same initial weights, in a child process with its own heap and thread
-pools, as PyTorch users run it: in one process the JAX CNN step measured 21-22 ms in four
-interleaved runs of five, against 16.5-17 ms alone or with torch in a child process. Timed steps
-of all contenders are interleaved in rounds so that load from other processes on a shared machine
-hits all of them alike; every figure is the median of the timed steps, warm-up excluded. JAX peak
-memory is the process high-water mark (`memory_stats`), read after each variant's warm-up.
+The JAX steps (`bench_jax`) are `trainer.jit_train_step` as `trainer.fit` runs it; the RAL step
+trains through a frozen `models.FMCENet` on the backbone's last feature map, alpha 0.1 (convex,
+phase target). The PyTorch reference (`bench_torch`, `torch_ref`) runs on the same (first)
+device, eager and under `torch.compile`, from the same initial weights, in a child process of its
+own, as PyTorch users run it (in one process the two contend for the heap and thread pools:
+docs/BENCHMARKS.md). The input pipeline is timed separately. JAX peak memory is the process
+high-water mark (`memory_stats`), read after each variant's warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import importlib.metadata
-import itertools
 import json
 import math
-import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -43,13 +35,8 @@ import jaxlib
 import numpy as np
 import optax
 
-from fmcejax import cpu_lowering, datasets, input_pipeline, models, parallel, steps, trainer
+from fmcejax import bench_jax, bench_torch, input_pipeline, models, parallel, steps
 
-NUM_PHASES = 5  # config_lib default K
-HEAD_WIDTH, HEAD_DEPTH = 64, 2  # config_lib default FMCE-Net
-ALPHA = 0.1
-LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
-VARIANTS = ("baseline", "ral")
 TORCH_MODES = {
   "none": (),
   "eager": ("eager",),
@@ -58,327 +45,6 @@ TORCH_MODES = {
 }
 # Dense (no sparsity) peak FLOP/s per device for MFU, first `device_kind` substring match wins;
 # other devices and dtypes need --peak_tflops.
-PEAK_FLOPS = (
-  (("H100 PCIe", "bfloat16"), 756e12),
-  (("H100 NVL", "bfloat16"), 835e12),
-  (("H100", "bfloat16"), 989.4e12),
-  (("H200", "bfloat16"), 989.4e12),
-)
-
-
-@dataclasses.dataclass
-class _Contender:
-  """One framework/variant pair: `run(n)` times n steps, returning seconds per step (None if the
-  contender failed), and its figures."""
-
-  framework: str  # jax | torch_eager | torch_compile
-  variant: str  # baseline | ral
-  run: Callable[[int], list[float]] | None
-  figures: dict[str, Any]
-  times: list[float] = dataclasses.field(default_factory=list)
-
-
-def _timer(step: Callable[[], None]) -> Callable[[int], list[float]]:
-  """`run(n)` for a synchronised one-step closure."""
-
-  def run(n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-      start = time.perf_counter()
-      step()
-      times.append(time.perf_counter() - start)
-    return times
-
-  return run
-
-
-def _normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """MNIST statistics for 1 channel, CIFAR-10 for 3 (any values would time the same)."""
-  if channels == 1:
-    info = datasets.DATASET_INFO["mnist"]
-  elif channels == 3:
-    info = datasets.DATASET_INFO["cifar10"]
-  else:
-    return (0.5,) * channels, (0.25,) * channels
-  return info.mean, info.std
-
-
-def _host_batch(
-  batch_size: int, image_shape: tuple[int, ...], num_classes: int, seed: int = 0
-) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  return {
-    "image": rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8),
-    "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
-  }
-
-
-def compiled_flops(compiled: Any) -> float | None:
-  """XLA's FLOP count of a compiled program (one device's share when partitioned)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops else None
-
-
-def peak_flops_per_device(device_kind: str, dtype: str, peak_tflops: float = 0.0) -> float | None:
-  """The MFU denominator: `peak_tflops` if given, else the `PEAK_FLOPS` entry, else None."""
-  if peak_tflops:
-    return peak_tflops * 1e12
-  return next((v for (kind, dt), v in PEAK_FLOPS if kind in device_kind and dt == dtype), None)
-
-
-def _peak_bytes(device: jax.Device) -> int | None:
-  """The allocator's high-water mark; None where the backend reports no stats (CPU)."""
-  stats = device.memory_stats()
-  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-def forward_flops_per_image(
-  backbone: str, image_shape: tuple[int, ...], num_classes: int
-) -> float | None:
-  """Inference FLOPs of one image, from XLA's cost analysis of the eval-mode forward."""
-  model = models.create_backbone(backbone, num_classes)
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  variables = jax.eval_shape(
-    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False)
-  )
-  forward = jax.jit(functools.partial(model.apply, train=False))
-  return compiled_flops(forward.lower(variables, x).compile())
-
-
-def _jax_contenders(
-  args: argparse.Namespace,
-  mesh: Any,
-  host_batch: dict[str, np.ndarray],
-  preprocess: Callable[[jax.Array], jax.Array],
-  dtype: Any,
-) -> tuple[list[_Contender], dict[str, Any]]:
-  """Baseline and RAL steps from `trainer.jit_train_step`, as `trainer.fit` runs them; also
-  returns the initial host variables (backbone and head) for the torch reference to copy."""
-  repl = parallel.replicated(mesh)
-  image_shape = tuple(args.image_shape)
-  lowering = cpu_lowering.for_platform(parallel.platform(mesh))
-  model = models.create_backbone(args.backbone, args.num_classes, dtype, lowering=lowering)
-  tx = steps.create_optimizer(
-    "sgd",
-    optax.constant_schedule(LEARNING_RATE),
-    weight_decay=WEIGHT_DECAY,
-    momentum=MOMENTUM,
-    nesterov=True,
-  )
-  init_fn = jax.jit(
-    functools.partial(steps.create_train_state, model, tx, image_shape), out_shardings=repl
-  )
-  module = models.DEFAULT_MODULE[args.backbone]
-  head_model = models.FMCENet(NUM_PHASES, HEAD_WIDTH, HEAD_DEPTH, dtype, lowering=lowering)
-  initial = jax.device_get(init_fn(jax.random.PRNGKey(0)))
-  feature = jax.eval_shape(
-    lambda: model.apply(
-      {"params": initial.params, "batch_stats": initial.batch_stats},
-      jnp.zeros((1, *image_shape)),
-      train=False,
-    )
-  )[1][module]
-  head_variables = jax.device_get(
-    jax.jit(functools.partial(head_model.init, train=False))(
-      jax.random.PRNGKey(1), jnp.zeros(feature.shape, jnp.float32)
-    )
-  )
-  host = {
-    "backbone": {"params": initial.params, "batch_stats": initial.batch_stats},
-    "head": head_variables,
-    "feature_shape": tuple(feature.shape[1:]),
-    "module": module,
-  }
-  batch = parallel.global_batch(host_batch, mesh)
-  rng = jax.random.PRNGKey(2)
-  device = mesh.devices.flat[0]
-  options = [("jax", parallel.compiler_options(mesh))]
-  if args.xla_defaults:
-    options.append(("jax_xla_defaults", None))
-  contenders = []
-  for (framework, xla), variant in itertools.product(options, VARIANTS):
-    head = steps.Head(model=head_model, module=module) if variant == "ral" else None
-    loss = steps.Loss(alpha=optax.constant_schedule(ALPHA)) if head is not None else steps.Loss()
-    head_vars = parallel.replicate(head_variables, mesh) if head is not None else None
-    train_fn = trainer.jit_train_step(
-      mesh, preprocess=preprocess, head=head, loss=loss, compiler_options=xla
-    )
-    holder = {"state": init_fn(jax.random.PRNGKey(0))}
-    start = time.perf_counter()
-    compiled = train_fn.lower(holder["state"], batch, rng, head_vars).compile()
-    compile_s = time.perf_counter() - start
-
-    def step(compiled=compiled, holder=holder, head_vars=head_vars) -> None:
-      holder["state"], metrics = compiled(holder["state"], batch, rng, head_vars)
-      jax.block_until_ready((holder["state"], metrics))
-
-    start = time.perf_counter()
-    step()
-    first_s = compile_s + time.perf_counter() - start
-    for _ in range(args.warmup):
-      step()
-    memory = compiled.memory_analysis()
-    flops = compiled_flops(compiled)
-    contenders.append(
-      _Contender(
-        framework,
-        variant,
-        _timer(step),
-        {
-          "compile_s": compile_s,
-          "first_step_s": first_s,
-          "peak_bytes": _peak_bytes(device),
-          "xla_temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
-          "xla_argument_bytes": int(memory.argument_size_in_bytes) if memory else None,
-          "train_flops_per_image": (flops * mesh.size / args.batch_size) if flops else None,
-        },
-      )
-    )
-  return contenders, host
-
-
-def _torch_contenders(
-  args: argparse.Namespace,
-  host: dict[str, Any],
-  host_batch: dict[str, np.ndarray],
-  mean: tuple[float, ...],
-  std: tuple[float, ...],
-  modes: Sequence[str],
-  gpu: bool = False,
-) -> list[_Contender]:
-  """The `torch_ref` baseline and RAL steps from the same initial weights as the JAX ones, on
-  CUDA if `gpu` (JAX runs on a GPU) and torch has it.
-
-  A mode that fails (e.g. `torch.compile` without a working C++ toolchain) is recorded with its
-  error message instead of aborting the run.
-  """
-  import torch  # optional dependency: the `bench` extra
-
-  from fmcejax import torch_ref
-
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-  use_cuda = gpu and torch.cuda.is_available()
-  # cuDNN autotuning is torch's counterpart of XLA's conv autotuning, which JAX does by default.
-  torch.backends.cudnn.benchmark = use_cuda
-  device = torch.device("cuda" if use_cuda else "cpu")
-  images = torch.from_numpy(host_batch["image"]).to(device)
-  labels = torch.from_numpy(host_batch["label"]).long().to(device)
-  sync = torch.cuda.synchronize if use_cuda else (lambda: None)
-  autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
-  contenders = []
-  for mode in modes:
-    for variant in VARIANTS:
-      framework = f"torch_{mode}"
-      model = torch_ref.create_backbone(args.backbone, args.num_classes, args.image_shape[-1])
-      torch_ref.copy_flax_variables(model, host["backbone"])
-      model.to(device)
-      head = None
-      if variant == "ral":
-        head = torch_ref.FMCENet(NUM_PHASES, host["feature_shape"], HEAD_WIDTH, HEAD_DEPTH)
-        torch_ref.copy_flax_variables(head, host["head"])
-        head = torch_ref.frozen(head.to(device))
-      optimizer = torch_ref.create_optimizer(
-        model, LEARNING_RATE, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=True
-      )
-      if use_cuda:
-        torch.cuda.reset_peak_memory_stats()
-      figures: dict[str, Any] = {
-        "channels_last": use_cuda,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-      }
-      try:
-        train = torch_ref.TrainStep(
-          model,
-          optimizer,
-          mean=mean,
-          std=std,
-          head=head,
-          module=host["module"],
-          alpha=ALPHA,
-          autocast_dtype=autocast,
-          channels_last=use_cuda,
-          compile=mode == "compile",
-        )
-
-        def step(train=train) -> None:
-          train(images, labels)
-          sync()
-
-        start = time.perf_counter()
-        step()
-        figures["first_step_s"] = time.perf_counter() - start
-        for _ in range(args.warmup):
-          step()
-      except Exception as e:  # noqa: BLE001 - recorded, reported, and the run goes on
-        message = f"{type(e).__name__}: {e}".strip().splitlines()
-        figures["error"] = " ".join(message[:3])[:500]
-        contenders.append(_Contender(framework, variant, None, figures))
-        continue
-      figures["peak_bytes"] = int(torch.cuda.max_memory_allocated()) if use_cuda else None
-      contenders.append(_Contender(framework, variant, _timer(step), figures))
-  return contenders
-
-
-def _torch_worker(conn: Any, *args: Any) -> None:
-  """Child process: builds `_torch_contenders(*args)`, then times blocks of steps on request."""
-  try:
-    contenders = _torch_contenders(*args)
-  except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it
-    conn.send(("error", f"{type(e).__name__}: {e}"))
-    return
-  conn.send(("ok", [(c.framework, c.variant, c.run is not None, c.figures) for c in contenders]))
-  while (request := conn.recv()) is not None:
-    index, n = request
-    conn.send(contenders[index].run(n))
-
-
-@contextlib.contextmanager
-def _torch_process(*args: Any) -> Iterator[list[_Contender]]:
-  """`_torch_contenders(*args)` in a spawned child process, as proxies whose `run` times there.
-
-  Its own process gives torch its own heap and thread pools, as a PyTorch user has them.
-  """
-  context = multiprocessing.get_context("spawn")
-  conn, child_conn = context.Pipe()
-  process = context.Process(target=_torch_worker, args=(child_conn, *args), daemon=True)
-  process.start()
-  child_conn.close()  # so that recv() raises EOFError if the child dies
-
-  def receive() -> Any:
-    try:
-      return conn.recv()
-    except EOFError:
-      raise RuntimeError(
-        f"the PyTorch reference process exited with code {process.exitcode} "
-        "(spawned: run the bench from a module or a __main__-guarded script)"
-      ) from None
-
-  def proxy(index: int) -> Callable[[int], list[float]]:
-    def run(n: int) -> list[float]:
-      conn.send((index, n))
-      return receive()
-
-    return run
-
-  try:
-    status, payload = receive()
-    if status == "error":
-      raise RuntimeError(f"the PyTorch reference failed: {payload}")
-    yield [
-      _Contender(framework, variant, proxy(i) if ok else None, figures)
-      for i, (framework, variant, ok, figures) in enumerate(payload)
-    ]
-  finally:
-    if process.is_alive():
-      conn.send(None)
-    process.join(timeout=30)
-    if process.is_alive():
-      process.kill()
 
 
 def input_pipeline_images_per_second(
@@ -418,16 +84,6 @@ def input_pipeline_images_per_second(
     iterator.close()
 
 
-def _timed_rounds(contenders: list[_Contender], steps_total: int, rounds: int) -> None:
-  """Runs `steps_total` timed steps per contender, interleaved in `rounds` blocks."""
-  rounds = max(1, min(rounds, steps_total))
-  per_round = [steps_total // rounds + (r < steps_total % rounds) for r in range(rounds)]
-  for n in per_round:
-    for c in contenders:
-      if c.run is not None:
-        c.times += c.run(n)
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a is not None and b else None
 
@@ -464,23 +120,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       f"--batch_size {args.batch_size} is not a multiple of the {mesh.size} devices."
     )
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  mean, std = _normalisation(image_shape[-1])
+  mean, std = bench_jax.normalisation(image_shape[-1])
   preprocess = functools.partial(steps.normalize, mean=mean, std=std, dtype=dtype)
-  host_batch = _host_batch(args.batch_size, image_shape, args.num_classes)
+  host_batch = bench_jax.host_batch(args.batch_size, image_shape, args.num_classes)
   env = environment()
 
-  contenders, host = _jax_contenders(args, mesh, host_batch, preprocess, dtype)
+  contenders, host = bench_jax.contenders(args, mesh, host_batch, preprocess, dtype)
   modes = TORCH_MODES[args.torch]
+
   with (
-    _torch_process(args, host, host_batch, mean, std, modes, parallel.platform(mesh) == "gpu")
+    bench_torch.process(args, host, host_batch, mean, std, modes, parallel.platform(mesh) == "gpu")
     if modes
     else contextlib.nullcontext([])
   ) as torch_contenders:
     contenders += torch_contenders
-    _timed_rounds(contenders, args.steps, args.rounds)
+    bench_jax.timed_rounds(contenders, args.steps, args.rounds)
   env["load_average_end"] = os.getloadavg()
 
-  peak = peak_flops_per_device(env["device_kind"], args.dtype, args.peak_tflops)
+  peak = bench_jax.peak_flops_per_device(env["device_kind"], args.dtype, args.peak_tflops)
   jax_flops = {
     c.variant: c.figures.get("train_flops_per_image") for c in contenders if c.framework == "jax"
   }
@@ -511,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       fw: _ratio(get(fw, "ral", "step_s"), get(fw, "baseline", "step_s")) for fw in results
     }
   }
-  for variant in VARIANTS:
+  for variant in bench_jax.VARIANTS:
     for fw in results:
       if fw == "jax":
         continue
@@ -540,21 +197,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "rounds": args.rounds,
       "torch": args.torch,
       "torch_threads": args.torch_threads,
-      "alpha": ALPHA,
+      "alpha": bench_jax.ALPHA,
       "xla_compiler_options": parallel.compiler_options(mesh),
       "head_module": host["module"],
-      "head": {"num_phases": NUM_PHASES, "width": HEAD_WIDTH, "depth": HEAD_DEPTH},
+      "head": {
+        "num_phases": bench_jax.NUM_PHASES,
+        "width": bench_jax.HEAD_WIDTH,
+        "depth": bench_jax.HEAD_DEPTH,
+      },
       "optimizer": {
         "name": "sgd",
-        "learning_rate": LEARNING_RATE,
-        "momentum": MOMENTUM,
+        "learning_rate": bench_jax.LEARNING_RATE,
+        "momentum": bench_jax.MOMENTUM,
         "nesterov": True,
-        "weight_decay": WEIGHT_DECAY,
+        "weight_decay": bench_jax.WEIGHT_DECAY,
       },
     },
     "environment": env,
     "flops": {
-      "forward_per_image": forward_flops_per_image(args.backbone, image_shape, args.num_classes),
+      "forward_per_image": bench_jax.forward_flops_per_image(
+        args.backbone, image_shape, args.num_classes
+      ),
       "train_per_image": jax_flops,
       "peak_flops_per_device": peak,
       "source": "XLA cost_analysis() of the compiled programs",
@@ -618,7 +281,7 @@ def format_table(result: dict[str, Any]) -> str:
   if "jax_xla_defaults" in result["results"]:
     gain = ", ".join(
       f"{v} {_fmt(ratios[f'jax_over_jax_xla_defaults_{v}']['images_per_second'], '.2f')}"
-      for v in VARIANTS
+      for v in bench_jax.VARIANTS
     )
     lines.append(
       f"JAX with compiler_options {cfg['xla_compiler_options']} / XLA defaults, img/s: {gain}"

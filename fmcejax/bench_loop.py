@@ -35,7 +35,17 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fmcejax import bench, datasets, device_input, input_pipeline, models, parallel, steps, trainer
+from fmcejax import (
+  bench,
+  bench_jax,
+  datasets,
+  device_input,
+  input_pipeline,
+  models,
+  parallel,
+  steps,
+  trainer,
+)
 
 INPUTS = ("host", "device")
 MNIST = datasets.DATASET_INFO["mnist"]
@@ -251,13 +261,15 @@ def train_flops_per_image(
     loss=steps.Loss(),
     compiler_options=parallel.compiler_options(mesh),
   )
-  flops = bench.compiled_flops(train_fn.lower(state, batch, jax.random.PRNGKey(0), None).compile())
+  flops = bench_jax.compiled_flops(
+    train_fn.lower(state, batch, jax.random.PRNGKey(0), None).compile()
+  )
   return flops / batch_size if flops else None
 
 
 def required_rates(args: argparse.Namespace) -> dict[str, Any]:
   """The step rate an accelerator at `--mfu` of its peak needs, per `--required` backbone."""
-  peak = bench.peak_flops_per_device(args.peak_device, "bfloat16", args.peak_tflops)
+  peak = bench_jax.peak_flops_per_device(args.peak_device, "bfloat16", args.peak_tflops)
   image_shape = tuple(args.required_image_shape)
   rates = {}
   for backbone in args.required:
@@ -267,7 +279,7 @@ def required_rates(args: argparse.Namespace) -> dict[str, Any]:
     ips = args.mfu * peak / flops if flops and peak else None
     rates[backbone] = {
       "train_flops_per_image": flops,
-      "forward_flops_per_image": bench.forward_flops_per_image(
+      "forward_flops_per_image": bench_jax.forward_flops_per_image(
         backbone, image_shape, CIFAR.num_classes
       ),
       "images_per_second": ips,
@@ -429,7 +441,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--peak_tflops",
     type=float,
     default=0.0,
-    help="peak dense TFLOP/s (default: bench.PEAK_FLOPS of --peak_device)",
+    help="peak dense TFLOP/s (default: bench_jax.PEAK_FLOPS of --peak_device)",
   )
   parser.add_argument("--goal_backbone", default="resnet18")
   parser.add_argument("--goal_factor", type=float, default=3.0)

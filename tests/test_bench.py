@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmcejax import bench, bench_loop, models, parallel
+from fmcejax import bench, bench_jax, bench_loop, bench_torch, models, parallel
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 TORCH = "eager" if HAS_TORCH else "none"
@@ -98,7 +98,7 @@ def test_xla_defaults_times_the_same_steps_without_our_compiler_options(capsys):
   )
   assert list(result["results"]) == ["jax", "jax_xla_defaults"]
   assert result["config"]["xla_compiler_options"] == parallel.compiler_options(parallel.make_mesh())
-  for variant in bench.VARIANTS:
+  for variant in bench_jax.VARIANTS:
     ratio = result["ratios"][f"jax_over_jax_xla_defaults_{variant}"]["images_per_second"]
     assert _positive(ratio)
   assert "/ XLA defaults, img/s: baseline" in capsys.readouterr().out
@@ -120,7 +120,7 @@ def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
     )
     return jax.tree.map(lambda s: np.ones(s.shape, np.float32), abstract)
 
-  head = models.FMCENet(bench.NUM_PHASES, bench.HEAD_WIDTH, bench.HEAD_DEPTH)
+  head = models.FMCENet(bench_jax.NUM_PHASES, bench_jax.HEAD_WIDTH, bench_jax.HEAD_DEPTH)
   host = {
     "backbone": ones(models.create_backbone("cnn", 10), (28, 28, 1)),
     "module": "conv3",
@@ -128,7 +128,7 @@ def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
     "head": ones(head, (7, 7, 64)),
   }
   batch = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros(8, np.int32)}
-  contenders = bench._torch_contenders(args, host, batch, (0.5,), (0.25,), ("compile",))
+  contenders = bench_torch.contenders(args, host, batch, (0.5,), (0.25,), ("compile",))
   assert [(c.framework, c.variant) for c in contenders] == [
     ("torch_compile", "baseline"),
     ("torch_compile", "ral"),
@@ -181,11 +181,11 @@ def test_table_shows_failures_and_missing_figures():
 
 
 def test_peak_flops_lookup():
-  assert bench.peak_flops_per_device("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
-  assert bench.peak_flops_per_device("NVIDIA H100 PCIe", "bfloat16") == 756e12
-  assert bench.peak_flops_per_device("NVIDIA H100 80GB HBM3", "float32") is None
-  assert bench.peak_flops_per_device("cpu", "float32") is None
-  assert bench.peak_flops_per_device("cpu", "float32", peak_tflops=2.5) == 2.5e12
+  assert bench_jax.peak_flops_per_device("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+  assert bench_jax.peak_flops_per_device("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert bench_jax.peak_flops_per_device("NVIDIA H100 80GB HBM3", "float32") is None
+  assert bench_jax.peak_flops_per_device("cpu", "float32") is None
+  assert bench_jax.peak_flops_per_device("cpu", "float32", peak_tflops=2.5) == 2.5e12
 
 
 def test_bench_loop_writes_consistent_figures(tmp_path, capsys):
