@@ -93,7 +93,8 @@ def _items(study: Mapping, field: str) -> list[str]:
   return items
 
 
-def _choices(study: Mapping, field: str, accepted: Sequence[str], *, allow_empty: bool) -> list[str]:
+def _choices(study: Mapping, field: str, accepted: Sequence[str], *,
+             allow_empty: bool) -> list[str]:
   items = _items(study, field)
   unknown = [i for i in items if i not in accepted]
   if unknown or not (items or allow_empty):
@@ -277,6 +278,11 @@ _STYLE = {"trained": dict(color="C0", marker="o", mfc="C0"),
           "random": dict(color="C7", marker="D", mfc="white")}
 
 
+def _row_label(arm: Mapping) -> str:
+  control = "" if arm["head"] == "trained" else f" [{arm['head']}]"
+  return f"{arm['variant']}, alpha {arm['alpha']:g}{control}"
+
+
 def plot_study(study: Mapping, path: str | os.PathLike) -> Figure:
   """Forest plot: each arm's mean gain with its 95% CI, a zero line, arms grouped by module."""
   rows, groups = forest_layout(study["arms"])
@@ -294,9 +300,7 @@ def plot_study(study: Mapping, path: str | os.PathLike) -> Figure:
     ax.axhspan(bottom - 0.5, y + 0.5, color="0.93" if i % 2 == 0 else "white", zorder=0)
     ax.text(0.0, y, f"module {module}", transform=ax.get_yaxis_transform(), fontweight="bold",
             va="center")
-  ax.set_yticks([y for y, _ in rows],
-                [f"{a['variant']}, alpha {a['alpha']:g}" + (f" [{a['head']}]" if a["head"] !=
-                                                           "trained" else "") for _, a in rows])
+  ax.set_yticks([y for y, _ in rows], [_row_label(a) for _, a in rows])
   ax.set_ylim(min(y for y, _ in rows) - 0.7, 0.7)
   handles, labels = ax.get_legend_handles_labels()
   unique = dict(zip(labels, handles))
