@@ -345,6 +345,11 @@ _STYLE = {
 }
 
 
+def _row_label(arm: Mapping) -> str:
+  control = "" if arm["head"] == "trained" else f" [{arm['head']}]"
+  return f"{arm['variant']}, alpha {arm['alpha']:g}{control}"
+
+
 def plot_study(study: Mapping, path: str | os.PathLike) -> Figure:
   """Forest plot: each arm's mean gain with its 95% CI, a zero line, arms grouped by module."""
   rows, groups = forest_layout(study["arms"])
@@ -364,12 +369,7 @@ def plot_study(study: Mapping, path: str | os.PathLike) -> Figure:
     ax.text(
       0.0, y, f"module {module}", transform=ax.get_yaxis_transform(), fontweight="bold", va="center"
     )
-  ax.set_yticks(
-    [y for y, _ in rows],
-    [
-      f"{a['variant']}, alpha {a['alpha']:g}"
-      + (f" [{a['head']}]" if a["head"] != "trained" else "")
-      for _, a in rows
+  ax.set_yticks([y for y, _ in rows], [_row_label(a) for _, a in rows])
     ],
   )
   ax.set_ylim(min(y for y, _ in rows) - 0.7, 0.7)
