@@ -370,8 +370,6 @@ def plot_study(study: Mapping, path: str | os.PathLike) -> Figure:
       0.0, y, f"module {module}", transform=ax.get_yaxis_transform(), fontweight="bold", va="center"
     )
   ax.set_yticks([y for y, _ in rows], [_row_label(a) for _, a in rows])
-    ],
-  )
   ax.set_ylim(min(y for y, _ in rows) - 0.7, 0.7)
   handles, labels = ax.get_legend_handles_labels()
   unique = dict(zip(labels, handles))
