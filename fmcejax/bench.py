@@ -111,6 +111,88 @@ def environment() -> dict[str, Any]:
   return env
 
 
+def _figures(
+  contenders: list[bench_jax.Contender],
+  batch_size: int,
+  jax_flops: dict[str, float | None],
+  peak: float | None,
+  num_devices: int,
+) -> dict[str, dict[str, Any]]:
+  """framework -> variant -> figures: median step time, images/s and MFU from the timed steps."""
+  results: dict[str, dict[str, Any]] = {}
+  for c in contenders:
+    figures = dict(c.figures)
+    if c.times:
+      step_s = statistics.median(c.times)
+      figures.update(
+        step_s=step_s,
+        images_per_second=batch_size / step_s,
+        timed_steps=len(c.times),
+        step_s_min=min(c.times),
+        step_s_max=max(c.times),
+      )
+      flops = jax_flops.get(c.variant)
+      devices = num_devices if c.framework.startswith("jax") else 1  # torch: one device
+      figures["mfu"] = (
+        flops * figures["images_per_second"] / (peak * devices) if flops and peak else None
+      )
+    results.setdefault(c.framework, {})[c.variant] = figures
+  return results
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """RAL over baseline per framework, and JAX over each other framework per variant."""
+
+  def get(framework: str, variant: str, key: str) -> Any:
+    return results.get(framework, {}).get(variant, {}).get(key)
+
+  ratios: dict[str, Any] = {
+    "ral_over_baseline_step_time": {
+      fw: _ratio(get(fw, "ral", "step_s"), get(fw, "baseline", "step_s")) for fw in results
+    }
+  }
+  for variant in bench_jax.VARIANTS:
+    for fw in results:
+      if fw != "jax":
+        ratios[f"jax_over_{fw}_{variant}"] = {
+          key: _ratio(get("jax", variant, key), get(fw, variant, key))
+          for key in ("images_per_second", "step_s", "first_step_s", "peak_bytes", "mfu")
+        }
+  return ratios
+
+
+def _config(args: argparse.Namespace, mesh: Any, head_module: str) -> dict[str, Any]:
+  """What was measured: the command line's settings and the benchmark's recipe."""
+  image_shape = tuple(args.image_shape)
+  return {
+    "backbone": args.backbone,
+    "batch_size": args.batch_size,
+    "dtype": args.dtype,
+    "image_shape": list(image_shape),
+    "num_classes": args.num_classes,
+    "steps": args.steps,
+    "warmup": args.warmup,
+    "rounds": args.rounds,
+    "torch": args.torch,
+    "torch_threads": args.torch_threads,
+    "alpha": bench_jax.ALPHA,
+    "xla_compiler_options": parallel.compiler_options(mesh),
+    "head_module": head_module,
+    "head": {
+      "num_phases": bench_jax.NUM_PHASES,
+      "width": bench_jax.HEAD_WIDTH,
+      "depth": bench_jax.HEAD_DEPTH,
+    },
+    "optimizer": {
+      "name": "sgd",
+      "learning_rate": bench_jax.LEARNING_RATE,
+      "momentum": bench_jax.MOMENTUM,
+      "nesterov": True,
+      "weight_decay": bench_jax.WEIGHT_DECAY,
+    },
+  }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Measures everything `args` asks for; returns the JSON-ready result."""
   image_shape = tuple(args.image_shape)
@@ -141,41 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   jax_flops = {
     c.variant: c.figures.get("train_flops_per_image") for c in contenders if c.framework == "jax"
   }
-  results: dict[str, dict[str, Any]] = {}
-  for c in contenders:
-    figures = dict(c.figures)
-    if c.times:
-      step_s = statistics.median(c.times)
-      figures.update(
-        step_s=step_s,
-        images_per_second=args.batch_size / step_s,
-        timed_steps=len(c.times),
-        step_s_min=min(c.times),
-        step_s_max=max(c.times),
-      )
-      flops = jax_flops.get(c.variant)
-      devices = mesh.size if c.framework.startswith("jax") else 1  # torch: one device
-      figures["mfu"] = (
-        flops * figures["images_per_second"] / (peak * devices) if flops and peak else None
-      )
-    results.setdefault(c.framework, {})[c.variant] = figures
+  results = _figures(contenders, args.batch_size, jax_flops, peak, mesh.size)
 
   def get(framework: str, variant: str, key: str) -> Any:
     return results.get(framework, {}).get(variant, {}).get(key)
-
-  ratios: dict[str, Any] = {
-    "ral_over_baseline_step_time": {
-      fw: _ratio(get(fw, "ral", "step_s"), get(fw, "baseline", "step_s")) for fw in results
-    }
-  }
-  for variant in bench_jax.VARIANTS:
-    for fw in results:
-      if fw == "jax":
-        continue
-      ratios[f"jax_over_{fw}_{variant}"] = {
-        key: _ratio(get("jax", variant, key), get(fw, variant, key))
-        for key in ("images_per_second", "step_s", "first_step_s", "peak_bytes", "mfu")
-      }
 
   by_workers = {
     w: input_pipeline_images_per_second(
@@ -186,33 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   best = max(by_workers, key=by_workers.get)
   pipeline = by_workers[best]
   return {
-    "config": {
-      "backbone": args.backbone,
-      "batch_size": args.batch_size,
-      "dtype": args.dtype,
-      "image_shape": list(image_shape),
-      "num_classes": args.num_classes,
-      "steps": args.steps,
-      "warmup": args.warmup,
-      "rounds": args.rounds,
-      "torch": args.torch,
-      "torch_threads": args.torch_threads,
-      "alpha": bench_jax.ALPHA,
-      "xla_compiler_options": parallel.compiler_options(mesh),
-      "head_module": host["module"],
-      "head": {
-        "num_phases": bench_jax.NUM_PHASES,
-        "width": bench_jax.HEAD_WIDTH,
-        "depth": bench_jax.HEAD_DEPTH,
-      },
-      "optimizer": {
-        "name": "sgd",
-        "learning_rate": bench_jax.LEARNING_RATE,
-        "momentum": bench_jax.MOMENTUM,
-        "nesterov": True,
-        "weight_decay": bench_jax.WEIGHT_DECAY,
-      },
-    },
+    "config": _config(args, mesh, host["module"]),
     "environment": env,
     "flops": {
       "forward_per_image": bench_jax.forward_flops_per_image(
@@ -223,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "source": "XLA cost_analysis() of the compiled programs",
     },
     "results": results,
-    "ratios": ratios,
+    "ratios": _ratios(results),
     "input_pipeline": {
       "images_per_second": pipeline,
       "over_jax_baseline": _ratio(pipeline, get("jax", "baseline", "images_per_second")),

@@ -142,42 +142,20 @@ def fit(
   Returns the final metrics: test accuracy/loss, images/s, the per-epoch history and the state.
   """
   run_dir = epath.Path(run_dir)
-  xla = parallel.compiler_options(mesh)
   train_fn = jit_train_step(
     mesh,
     preprocess=job.preprocess,
     loss=job.loss,
-    compiler_options=xla,
+    compiler_options=parallel.compiler_options(mesh),
     head=job.head if job.train_with_head else None,
-  )
-  init_fn = jax.jit(
-    functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
-    out_shardings=parallel.replicated(mesh),
-    compiler_options=xla,
   )
   evaluate = _evaluator(job, mesh)
   head_variables = (
     parallel.replicate(job.head_variables, mesh) if job.head_variables is not None else None
   )
-  state = init_fn(jax.random.PRNGKey(job.seed))
   manager = checkpointing.manager(run_dir / "checkpoints", options.keep_checkpoints)
-  meter = _Meter(
-    job,
-    options,
-    {
-      "history": [],
-      "loss_sum": 0.0,
-      "loss_count": 0,
-      "stopped_early": False,
-      "nonfinite_steps": 0,
-      "images": 0,
-      "train_seconds": 0.0,
-      "identity": job.identity,
-    },
-  )
-  restored = checkpointing.restore_latest_good(manager, state, job.identity, run_dir)
-  if restored is not None:
-    state, meter.progress = restored
+  state, progress = _start(job, mesh, manager, run_dir)
+  meter = _Meter(job, options, progress)
   step, total = int(jax.device_get(state.step)), job.steps_per_epoch * job.epochs
   rng = parallel.replicate(jax.random.PRNGKey(job.seed + 1), mesh)
   log = _Log(run_dir / "tb", options, job.epochs, total, step)
@@ -221,6 +199,24 @@ def fit(
     manager.close()
     log.close()
   return meter.result(step, state, evaluate(state, head_variables, True))
+
+
+def _start(
+  job: Job, mesh: Mesh, manager: Any, run_dir: epath.Path
+) -> tuple[steps.TrainState, dict[str, Any]]:
+  """The run's state and host-side progress: from the newest readable checkpoint, or fresh."""
+  init_fn = jax.jit(
+    functools.partial(steps.create_train_state, job.model, job.tx, job.input_shape),
+    out_shardings=parallel.replicated(mesh),
+    compiler_options=parallel.compiler_options(mesh),
+  )
+  state = init_fn(jax.random.PRNGKey(job.seed))
+  restored = checkpointing.restore_latest_good(manager, state, job.identity, run_dir)
+  if restored is not None:
+    return restored
+  progress = {"history": [], "loss_sum": 0.0, "loss_count": 0, "stopped_early": False}
+  progress |= {"nonfinite_steps": 0, "images": 0, "train_seconds": 0.0, "identity": job.identity}
+  return state, progress
 
 
 def _evaluator(job: Job, mesh: Mesh) -> Callable[[Any, Any, bool], Callable[[], dict]]:
