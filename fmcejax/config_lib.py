@@ -74,9 +74,9 @@ def parse_seeds(value: Any) -> list[int]:
 
 def parse_input_workers(value: Any, backend: str, cpu_count: int) -> int:
   """`input_workers` is "auto" or a count. Auto leaves a CPU backend's cores to XLA; an
-  accelerator host with 4 or more cores gets half of them, up to 8: one core augments ~15k CIFAR
-  images/s, and a GPU or TPU step consumes several times that (docs/BENCHMARKS.md). With fewer
-  cores (Colab), one worker mostly adds the hand-off: here it measured slower than in-process."""
+  accelerator host with 4 or more cores gets half of them, up to 8, because one core augments
+  fewer CIFAR images than a GPU or TPU step consumes; with fewer cores (Colab) one worker mostly
+  adds the hand-off (figures: docs/BENCHMARKS.md, "Input pipeline")."""
   if str(value) == "auto":
     return 0 if backend == "cpu" or cpu_count < 4 else min(8, cpu_count // 2)
   try:

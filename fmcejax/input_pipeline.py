@@ -75,8 +75,8 @@ def _stack(info: DatasetInfo, examples: list[dict]) -> dict[str, np.ndarray]:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArraySource:
   """Examples held as two arrays, indexable like a tuple of elements. Grain pickles a source into
-  each worker process, and one buffer pickles in half the start-up time of 50,000 small dicts
-  (2 workers: 1.6 vs 3.3 s to the first CIFAR-sized batch)."""
+  each worker process, and one buffer pickles much faster than 50,000 small dicts, so workers
+  start sooner (docs/BENCHMARKS.md)."""
 
   image: np.ndarray
   label: np.ndarray
@@ -109,7 +109,7 @@ def _decoded(info: DatasetInfo, split: str, n: int, tfds_data_dir: str) -> Array
   """The first `n` examples of a split, decoded once per process and kept in memory.
 
   Every dataset here is small (at most 50,000 x 32x32x3 bytes), and one bulk read plus one
-  decode is about 3x faster than reading records one by one and 10x faster per later epoch.
+  decode beats reading records one by one, the more so from the second epoch on.
   """
   return ArraySource(**_stack(info, _source(info, split, tfds_data_dir).__getitems__(range(n))))
 
@@ -130,7 +130,7 @@ def examples(info: DatasetInfo, split: str, limit: int, tfds_data_dir: str) -> g
 def random_crop_flip(element: dict, rng: np.random.Generator) -> dict:
   """Random crop of the zero-padded image (pad 4) and a random horizontal flip.
 
-  Pastes the shifted image into zeros instead of padding and cropping: same result, 2x faster.
+  Pastes the shifted image into zeros instead of padding and cropping: same result, less copying.
   """
   image = element["image"]
   h, w, _ = image.shape
@@ -264,7 +264,7 @@ def make_iterator(
   Resuming at a batch index needs no loader state of its own: `ds[k]` is a pure function of k
   (`epoch_batches`), so the same batches come for any `workers`, on any host.
   - `workers=0`: one thread of this process overlaps loading with the device. The per-example
-    work holds the GIL, so more threads only contend (measured: 2 threads halve the rate).
+    work holds the GIL, so more threads only contend.
   - `workers=N`: N grain worker processes (`mp_prefetch`) each load every N-th batch, for hosts
     whose accelerators consume more images than one core augments (docs/BENCHMARKS.md).
   """

@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 T = TypeVar("T")
 # jaxlib 0.10's XLA:CPU hands convolutions, dots and reductions to YNNPACK fusions, which run
-# each op on one core (measured on the 2-core dev VM); without them XLA's Eigen and loop kernels
-# use every core: the CNN and ResNet-18 train steps ran 1.4-1.75x faster (docs/BENCHMARKS.md).
+# each op on one core; without them XLA's Eigen and loop kernels use every core
+# (docs/BENCHMARKS.md).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
