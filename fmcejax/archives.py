@@ -311,3 +311,10 @@ def read_cifar10_jpeg(archive: pathlib.Path) -> dict[str, list[tuple[str, bytes,
     if not examples:
       raise _bad(archive, f"{archive} holds no {split}/ images.")
   return splits
+
+
+# Published on https://www.cs.toronto.edu/~kriz/cifar.html; tfds registers only the binary ones.
+PYTHON_ARCHIVE_MD5 = {
+  "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+  "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+}

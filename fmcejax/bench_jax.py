@@ -219,3 +219,32 @@ def timed_rounds(contenders: list[Contender], steps_total: int, rounds: int) -> 
     for c in contenders:
       if c.run is not None:
         c.times += c.run(n)
+
+
+def train_flops_per_image(
+  backbone: str, image_shape: tuple[int, ...], num_classes: int, batch_size: int, dtype: str
+) -> float | None:
+  """XLA's FLOP count of the compiled baseline train step (as `trainer.fit` jits it, on one
+  device), per image; the optimizer update is spread over the batch."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model = models.create_backbone(
+    backbone, num_classes, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  )
+  tx = steps.create_optimizer("sgd", optax.constant_schedule(0.1), weight_decay=5e-4)
+  state = jax.eval_shape(
+    functools.partial(steps.create_train_state, model, tx, image_shape), jax.random.PRNGKey(0)
+  )
+  batch = {
+    "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8),
+    "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
+  mean, std = normalisation(image_shape[-1])
+  train_fn = trainer.jit_train_step(
+    mesh,
+    preprocess=functools.partial(steps.normalize, mean=mean, std=std, dtype=model.dtype),
+    head=None,
+    loss=steps.Loss(),
+    compiler_options=parallel.compiler_options(mesh),
+  )
+  flops = compiled_flops(train_fn.lower(state, batch, jax.random.PRNGKey(0), None).compile())
+  return flops / batch_size if flops else None

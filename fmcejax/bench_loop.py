@@ -236,44 +236,13 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
   return loop
 
 
-def train_flops_per_image(
-  backbone: str, image_shape: tuple[int, ...], num_classes: int, batch_size: int, dtype: str
-) -> float | None:
-  """XLA's FLOP count of the compiled baseline train step (as `trainer.fit` jits it, on one
-  device), per image; the optimizer update is spread over the batch."""
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  model = models.create_backbone(
-    backbone, num_classes, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-  )
-  tx = steps.create_optimizer("sgd", optax.constant_schedule(0.1), weight_decay=5e-4)
-  state = jax.eval_shape(
-    functools.partial(steps.create_train_state, model, tx, image_shape), jax.random.PRNGKey(0)
-  )
-  batch = {
-    "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8),
-    "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-  }
-  mean, std = (CIFAR.mean, CIFAR.std) if image_shape[-1] == 3 else (MNIST.mean, MNIST.std)
-  train_fn = trainer.jit_train_step(
-    mesh,
-    preprocess=functools.partial(steps.normalize, mean=mean, std=std, dtype=model.dtype),
-    head=None,
-    loss=steps.Loss(),
-    compiler_options=parallel.compiler_options(mesh),
-  )
-  flops = bench_jax.compiled_flops(
-    train_fn.lower(state, batch, jax.random.PRNGKey(0), None).compile()
-  )
-  return flops / batch_size if flops else None
-
-
 def required_rates(args: argparse.Namespace) -> dict[str, Any]:
   """The step rate an accelerator at `--mfu` of its peak needs, per `--required` backbone."""
   peak = bench_jax.peak_flops_per_device(args.peak_device, "bfloat16", args.peak_tflops)
   image_shape = tuple(args.required_image_shape)
   rates = {}
   for backbone in args.required:
-    flops = train_flops_per_image(
+    flops = bench_jax.train_flops_per_image(
       backbone, image_shape, CIFAR.num_classes, args.required_batch, args.required_dtype
     )
     ips = args.mfu * peak / flops if flops and peak else None

@@ -28,7 +28,7 @@ from tensorflow_datasets.core.download import downloader as tfds_downloader
 import fake_data
 from conftest import SHARED_DATA
 from fake_data import N_TEST, N_TRAIN, write_fake_idx, write_idx
-from fmcejax import datasets, input_pipeline
+from fmcejax import archives, builders, datasets, input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_BINARY = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz"}
@@ -107,7 +107,7 @@ def _url_info(name: str, data: bytes) -> tfds_checksums.UrlInfo:
 def point(monkeypatch, dataset: str, urls: dict[str, str], files: dict[str, bytes]) -> None:
   """Points the builder of `dataset` at `urls` (official name -> URL), registering the
   checksums of `files` (official name -> bytes) for them."""
-  builder = datasets._BUILDERS[dataset]
+  builder = builders.BUILDERS[dataset]
   if dataset in CIFAR_BINARY:
     (url,) = urls.values()
     monkeypatch.setattr(
@@ -211,7 +211,7 @@ def mnist(tmp_path_factory):
 def cifar(tmp_path_factory):
   root = tmp_path_factory.mktemp("cifar")
   pixels = fake_data.write_fake_cifar_jpeg(
-    root / datasets.CIFAR10_JPEG_ARCHIVE, {"train": 3, "test": 2}
+    root / archives.CIFAR10_JPEG_ARCHIVE, {"train": 3, "test": 2}
   )
   tfds_dir = str(root / "tfds")
   return datasets.prepare("cifar10_jpeg", str(root), tfds_dir), tfds_dir, pixels
@@ -239,7 +239,7 @@ def test_cifar10_jpeg_keeps_original_jpeg_bytes(cifar):
   )
   assert info.augment and "JPEG" in info.note
   assert tfds.builder("cifar10_jpeg", data_dir=tfds_dir).info.features["label"].names == list(
-    datasets.CIFAR10_CLASSES
+    archives.CIFAR10_CLASSES
   )
   loaded = {}
   for split, n in (("train", 30), ("test", 20)):
@@ -326,7 +326,7 @@ def test_corrupt_archive_names_the_file(tmp_path, damage, culprit, no_download):
 
 
 def test_corrupt_cifar_jpeg(tmp_path):
-  archive = tmp_path / datasets.CIFAR10_JPEG_ARCHIVE
+  archive = tmp_path / archives.CIFAR10_JPEG_ARCHIVE
   with tarfile.open(archive, "w:gz") as tar:
     member = tarfile.TarInfo("train/cat/0000.jpg")
     member.size = 10
@@ -334,14 +334,14 @@ def test_corrupt_cifar_jpeg(tmp_path):
   with pytest.raises(datasets.DataError, match="train/cat/0000.jpg"):
     datasets.prepare("cifar10_jpeg", str(tmp_path), str(tmp_path / "tfds"))
   archive.write_bytes(archive.read_bytes()[:30])
-  with pytest.raises(datasets.DataError, match=datasets.CIFAR10_JPEG_ARCHIVE):
+  with pytest.raises(datasets.DataError, match=archives.CIFAR10_JPEG_ARCHIVE):
     datasets.prepare("cifar10_jpeg", str(tmp_path), str(tmp_path / "tfds"))
 
 
 def test_failed_prepare_leaves_nothing_prepared(tmp_path, monkeypatch):
   write_fake_idx(tmp_path / "data" / "mnist")
   tfds_dir = str(tmp_path / "tfds")
-  original = datasets._IdxFiles._generate_examples
+  original = builders._IdxFiles._generate_examples
 
   def dies_midway(self, images, labels):
     for i, example in enumerate(original(self, images, labels)):
@@ -349,7 +349,7 @@ def test_failed_prepare_leaves_nothing_prepared(tmp_path, monkeypatch):
         raise RuntimeError("killed while writing")
       yield example
 
-  monkeypatch.setattr(datasets._IdxFiles, "_generate_examples", dies_midway)
+  monkeypatch.setattr(builders._IdxFiles, "_generate_examples", dies_midway)
   with pytest.raises(RuntimeError, match="killed while writing"):
     datasets.prepare("mnist", str(tmp_path / "data"), tfds_dir)
   assert not datasets.is_prepared("mnist", tfds_dir)
@@ -422,10 +422,10 @@ def test_official_cifar_archives_offline(tmp_path, monkeypatch, no_download, arc
     datasets.prepare(dataset, str(tmp_path / "data"), tfds_dir, download=False)
   assert e.value.value == str(place) and not datasets.is_prepared(dataset, tfds_dir)
   if "binary" in archive:  # tfds's registered checksum of the official URL
-    url = next(iter(datasets._BUILDERS[dataset].url_infos))
+    url = next(iter(builders.BUILDERS[dataset].url_infos))
     point(monkeypatch, dataset, {archive: url}, {archive: content})
   else:
-    monkeypatch.setitem(datasets.PYTHON_ARCHIVE_MD5, archive, fake_data.md5(content))
+    monkeypatch.setitem(archives.PYTHON_ARCHIVE_MD5, archive, fake_data.md5(content))
   info = datasets.prepare(dataset, str(tmp_path / "data"), tfds_dir, download=False)
   assert (info.num_train, info.num_test) == (fake_data.CIFAR_TRAIN, fake_data.CIFAR_TEST)
   assert info.num_classes == (10 if dataset == "cifar10" else 100)
@@ -446,7 +446,7 @@ def test_corrupt_cifar_archive_names_the_file(tmp_path, monkeypatch, archive):
   if "binary" in archive:
     point(monkeypatch, dataset, {archive: "https://x/" + archive}, {archive: content})
   else:
-    monkeypatch.setitem(datasets.PYTHON_ARCHIVE_MD5, archive, fake_data.md5(content))
+    monkeypatch.setitem(archives.PYTHON_ARCHIVE_MD5, archive, fake_data.md5(content))
   with pytest.raises(datasets.DataError, match=why) as e:
     datasets.prepare(dataset, str(tmp_path), str(tmp_path / "tfds"), download=False)
   assert e.value.value == str(tmp_path / archive)
@@ -459,7 +459,7 @@ def test_corrupt_cifar_archive_names_the_file(tmp_path, monkeypatch, archive):
 
 @pytest.mark.parametrize("dataset", datasets.DOWNLOADABLE)
 def test_builders_are_tfds_builders_with_the_official_sources(tmp_path, dataset):
-  ours = datasets._BUILDERS[dataset](data_dir=str(tmp_path))
+  ours = builders.BUILDERS[dataset](data_dir=str(tmp_path))
   theirs = tfds.builder(dataset, data_dir=str(tmp_path))
   # tfds's builder stays the catalogue entry; ours writes what it reads.
   assert type(theirs).__module__.startswith("tensorflow_datasets.") and isinstance(
@@ -474,7 +474,7 @@ def test_builders_are_tfds_builders_with_the_official_sources(tmp_path, dataset)
   if dataset in CIFAR_BINARY:
     assert set(registered) == {ours._cifar_info.url}
   else:
-    assert set(registered) == {ours.URL + name for name in sum(datasets.IDX_FILES.values(), ())}
+    assert set(registered) == {ours.URL + name for name in sum(archives.IDX_FILES.values(), ())}
 
 
 @pytest.mark.parametrize("dataset", datasets.DOWNLOADABLE)
