@@ -315,7 +315,13 @@ def create_backbone(
   """
   if name in _CONSTRUCTORS:
     return _CONSTRUCTORS[name](num_classes=num_classes, dtype=dtype, lowering=lowering)
-  model = _factory(name)(num_classes=num_classes, dtype=dtype)
+  factory = _factory(name)
+  try:
+    model = factory(num_classes=num_classes, dtype=dtype)
+  except Exception as e:  # noqa: BLE001 - any failure of the user's factory is this error
+    raise ValueError(
+      f"backbone {name!r}: the factory raised {type(e).__name__}: {e}; accepted: {_ACCEPTED}"
+    ) from e
   if not isinstance(model, nn.Module):
     raise ValueError(
       f"backbone {name!r} returned {type(model).__name__}, not a Flax module; accepted: {_ACCEPTED}"
@@ -330,9 +336,10 @@ def _factory(spec: str) -> Callable[..., Any]:
     raise ValueError(f"unknown backbone {spec!r}; accepted: {_ACCEPTED}")
   try:
     module = importlib.import_module(module_name)
-  except ImportError as e:
+  except Exception as e:  # noqa: BLE001 - not found, or failing on import: a bad value either way
     raise ValueError(
-      f"backbone {spec!r}: cannot import {module_name!r} ({e}); accepted: {_ACCEPTED}"
+      f"backbone {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+      f"accepted: {_ACCEPTED}"
     ) from e
   factory = getattr(module, attribute, None)
   if factory is None or not callable(factory):

@@ -1,6 +1,6 @@
-"""Tests for fmcejax.models and fmcejax.cpu_lowering: the backbone contract (logits, features), exact
-parameter counts, dtype policy, BatchNorm state handling, the FMCE-Net head, your own backbone, and
-the CPU lowerings giving Flax's values and gradients.
+"""Tests for fmcejax.models and fmcejax.cpu_lowering: the backbone contract (logits, features),
+exact parameter counts, dtype policy, BatchNorm state handling, the FMCE-Net head, your own
+backbone, and the CPU lowerings giving Flax's values and gradients.
 
 Shape and dtype contracts are checked with `jax.eval_shape` (no FLOPs, no compile); real forward
 passes run once per backbone, with the variables cached, so the file stays fast on a 2-core CPU.
@@ -95,8 +95,8 @@ def _abstract(model, shape, dtype=jnp.float32):
 def _numpy_init(abstract_variables):
   """Values like the models' own init (He fan-out convs, LeCun Dense, BN identity), from numpy.
 
-  XLA:CPU needs ~6 s to compile resnet50's `init` (threefry for ~160 tensors) and these tests need
-  realistic values, not Flax's RNG stream; `cnn` still goes through the real `init`.
+  XLA:CPU takes seconds to compile resnet50's `init` (threefry for ~160 tensors) and these tests
+  need realistic values, not Flax's RNG stream; `cnn` still goes through the real `init`.
   """
   rng = np.random.default_rng(0)
 
@@ -590,6 +590,14 @@ def no_dtype_factory(num_classes: int) -> nn.Module:
   return TinyBackbone(num_classes=num_classes)
 
 
+def raising_factory(num_classes: int, dtype: Any) -> nn.Module:
+  raise RuntimeError(f"no model for {num_classes} classes in {dtype}")
+
+
+def not_a_module_factory(num_classes: int, dtype: Any) -> Any:
+  return lambda x, train: (x, {})
+
+
 def test_your_own_backbone_resolves_and_lists_its_feature_maps():
   spec = f"{__name__}:tiny_factory"
   model = models.create_backbone(spec, NUM_CLASSES, jnp.bfloat16)
@@ -611,6 +619,8 @@ def test_your_own_backbone_resolves_and_lists_its_feature_maps():
     (f"{__name__}:not_callable", "non-callable 'not_callable'"),
     (f"{__name__}:no_dtype_factory", r"no_dtype_factory\(num_classes=..., dtype=...\) cannot"),
     (f"{__name__}:", "unknown backbone"),
+    (f"{__name__}:raising_factory", "the factory raised RuntimeError: no model for 10 classes"),
+    (f"{__name__}:not_a_module_factory", "returned function, not a Flax module"),
   ],
 )
 def test_bad_backbones_name_the_value_and_what_is_accepted(spec, message):
