@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_input_pipeline import write_fake_cifar
+from fake_data import write_fake_cifar_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -417,7 +417,7 @@ def test_acceptance_summary_records_a_failed_step(tmp_path):
 
 def test_gpu_acceptance_tiny_mode_runs_everything_and_writes_json(tmp_path):
   """The whole sequence on this CPU with tiny sizes, on a small fake CIFAR-10 JPEG archive."""
-  write_fake_cifar(tmp_path / "cifar10-jpeg.tar.gz", {"train": 8, "test": 4})
+  write_fake_cifar_jpeg(tmp_path / "cifar10-jpeg.tar.gz", {"train": 8, "test": 4})
   out, work = tmp_path / "out", tmp_path / "work"
   result = subprocess.run(
     [
