@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 from fmcejax import (
   bench,
   bench_jax,
+  cpu_lowering,
   datasets,
   device_input,
   input_pipeline,
@@ -66,10 +67,12 @@ class Linear(nn.Module):
     return logits, {"logits": logits}
 
 
-def _model(backbone: str, num_classes: int) -> nn.Module:
+def _model(backbone: str, num_classes: int, mesh: Mesh) -> nn.Module:
+  """The loop's model, with the lowering the pipeline would pick on `mesh`."""
   if backbone == "linear":
     return Linear(num_classes)
-  return models.create_backbone(backbone, num_classes)
+  lowering = cpu_lowering.for_platform(parallel.platform(mesh))
+  return models.create_backbone(backbone, num_classes, lowering=lowering)
 
 
 def _initial_state(job: trainer.Job, mesh: Mesh) -> steps.TrainState:
@@ -100,7 +103,7 @@ def _job(
   spe = input_pipeline.steps_per_epoch(len(arrays["label"]), batch_size)
   lr = optax.constant_schedule(0.01)
   return trainer.Job(
-    model=_model(args.backbone, MNIST.num_classes),
+    model=_model(args.backbone, MNIST.num_classes, mesh),
     preprocess=functools.partial(steps.normalize, mean=MNIST.mean, std=MNIST.std),
     input_shape=MNIST.image_shape,
     train_data=data,
