@@ -111,13 +111,17 @@ def primary_writes(name: str, write: Callable[[], Any]) -> None:
 
 def primary_first(name: str, fn: Callable[[], T]) -> T:
   """`fn()` on process 0, a barrier, then on the others: on a shared disk they find its result
-  made (a prepared dataset), on disks of their own each makes its own copy."""
+  made (a prepared dataset), on disks of their own each makes its own copy. If it fails on
+  process 0, the others still pass the barrier and meet the failure themselves, rather than wait
+  for a process that has gone."""
   if jax.process_index() == 0:
-    result = fn()
+    try:
+      result = fn()
+    finally:
+      sync(name)
+    return result
   sync(name)
-  if jax.process_index() != 0:
-    result = fn()
-  return result
+  return fn()
 
 
 def agree(flag: bool) -> bool:
