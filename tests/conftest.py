@@ -3,7 +3,10 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 CPU devices in every test process. Their collectives wait for all 8 threads; on a loaded
+# 2-core machine a thread can be starved past XLA's 40 s default, which aborts the process.
+COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests run the CLI in many processes that compile the same small steps: they share XLA's
 # persistent compilation cache (the same executables, so the same results).

@@ -13,6 +13,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from conftest import COLLECTIVE_TIMEOUT
 
 from fmcejax import bench_loop, datasets, device_input, input_pipeline, parallel, steps, trainer
 
@@ -306,7 +307,7 @@ def test_two_processes_make_the_single_process_batches(tmp_path, mesh):
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {COLLECTIVE_TIMEOUT}",
     "FMCEJAX_COORDINATOR": f"127.0.0.1:{port}",
     "FMCEJAX_NUM_PROCESSES": "2",
   }

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import COLLECTIVE_TIMEOUT, SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds, per job (all its processes)
@@ -98,7 +98,7 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
   env.update(
     PYTHONUNBUFFERED="1",
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_TIMEOUT}",
     **extra,
   )
   return env
