@@ -78,18 +78,6 @@ DATASET_INFO = {
     10000,
     True,
   ),
-  "cifar10_jpeg": DatasetInfo(
-    "cifar10_jpeg",
-    "cifar10_jpeg",
-    10,
-    (32, 32, 3),
-    (0.4914, 0.4822, 0.4465),
-    (0.2470, 0.2435, 0.2616),
-    50000,
-    10000,
-    True,
-    "JPEG copy of CIFAR-10, not the official files",
-  ),
   "cifar100": DatasetInfo(
     "cifar100",
     "cifar100",
@@ -102,6 +90,15 @@ DATASET_INFO = {
     True,
   ),
 }
+
+
+# The JPEG copy: CIFAR-10's shape and statistics under a name of its own.
+DATASET_INFO["cifar10_jpeg"] = dataclasses.replace(
+  DATASET_INFO["cifar10"],
+  name="cifar10_jpeg",
+  tfds_name="cifar10_jpeg",
+  note="JPEG copy of CIFAR-10, not the official files",
+)
 
 
 # ---------------------------------------------------------------------------------------------

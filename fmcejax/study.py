@@ -15,7 +15,6 @@ per seed. Re-running the same command resumes; a finished run is never redone. W
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -24,7 +23,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from fmcejax import config_lib, datasets, parallel, pipeline, study_lib, train, trainer
+from fmcejax import config_lib, pipeline, study_lib, train
 
 
 class Study:
@@ -110,28 +109,13 @@ def main(argv: list[str] | None = None) -> int:
   )
   try:
     config, path = train.parse_flags(argv, define)
-    study = flags.FLAGS.study
-  except (train.CommandLineError, config_lib.ConfigError) as e:
-    return train.fail(str(e))
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  parallel.initialize_distributed()
-  try:
     names = config_lib.module_names(config)
     arms = study_lib.expand_grid(
-      study, default_module=config.module or names[-1], module_names=names
+      flags.FLAGS.study, default_module=config.module or names[-1], module_names=names
     )
-    root, lock = train.prepare_workdir(config, path)  # noqa: F841 - held until exit
-    runner = Study(pipeline.Pipeline(config, root), arms)
-  except (config_lib.ConfigError, datasets.DataError) as e:
+  except (train.CommandLineError, config_lib.ConfigError) as e:
     return train.fail(str(e))
-  signal.signal(signal.SIGTERM, trainer.request_preemption)
-  try:
-    runner.run()
-  except trainer.Preempted as e:
-    print(f"fmcejax: {e}", file=sys.stderr)
-    return 0
-  print(f"fmcejax: study done; results in {root / 'study.md'}")
-  return 0
+  return train.execute(config, path, lambda stages: Study(stages, arms).run, "study.md")
 
 
 if __name__ == "__main__":

@@ -106,27 +106,39 @@ def fail(message: str) -> int:
   return EXIT_BAD_INPUT
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv if argv is None else argv
-  try:
-    config, path = parse_flags(argv)
-  except (CommandLineError, config_lib.ConfigError) as e:
-    return fail(str(e))
+def execute(
+  config: ml_collections.ConfigDict,
+  path: str,
+  job: Callable[[pipeline.Pipeline], Callable[[], object]],
+  results: str = "",
+) -> int:
+  """A parsed command's body, shared by `train` and `study`: the workdir's guards, then
+  `job(stages)()`; bad input exits 2 before anything compiles, SIGTERM after a checkpoint 0."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   parallel.initialize_distributed()
   try:
     root, lock = prepare_workdir(config, path)  # noqa: F841 - the lock is held until exit
-    stages = pipeline.Pipeline(config, root)
+    run = job(pipeline.Pipeline(config, root))
   except (config_lib.ConfigError, datasets.DataError) as e:
     return fail(str(e))
   signal.signal(signal.SIGTERM, trainer.request_preemption)
   try:
-    stages.run(config_lib.parse_stages(config.stages))
+    run()
   except trainer.Preempted as e:
     print(f"fmcejax: {e}", file=sys.stderr)
     return 0
-  print(f"fmcejax: done; results in {root}")
+  print(f"fmcejax: done; results in {root / results}")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv if argv is None else argv
+  try:
+    config, path = parse_flags(argv)
+    stages = config_lib.parse_stages(config.stages)
+  except (CommandLineError, config_lib.ConfigError) as e:
+    return fail(str(e))
+  return execute(config, path, lambda pipe: lambda: pipe.run(stages))
 
 
 if __name__ == "__main__":

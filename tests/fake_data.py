@@ -160,3 +160,13 @@ def sha256(data: bytes) -> str:
 
 def md5(data: bytes) -> str:
   return hashlib.md5(data).hexdigest()
+
+
+def prepare_fake_mnist(root: pathlib.Path):
+  """Small MNIST in the official IDX format under `root`, prepared offline:
+  (`DatasetInfo`, tfds_data_dir)."""
+  from fmcejax import datasets
+
+  write_fake_idx(root / "archives" / "mnist")
+  tfds_dir = str(root / "tfds")
+  return datasets.prepare("mnist", str(root / "archives"), tfds_dir, download=False), tfds_dir

@@ -201,10 +201,7 @@ def downloads(server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
-  root = tmp_path_factory.mktemp("mnist")
-  write_fake_idx(root / "archives" / "mnist")
-  tfds_dir = str(root / "tfds")
-  return datasets.prepare("mnist", str(root / "archives"), tfds_dir, download=False), tfds_dir
+  return fake_data.prepare_fake_mnist(tmp_path_factory.mktemp("mnist"))
 
 
 @pytest.fixture(scope="module")

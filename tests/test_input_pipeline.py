@@ -16,7 +16,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
 from conftest import SHARED_DATA
-from fake_data import N_TEST, N_TRAIN, ids_of, write_fake_idx
+import fake_data
+from fake_data import N_TEST, N_TRAIN, ids_of
 from fmcejax import datasets
 from fmcejax import input_pipeline as ip
 
@@ -37,10 +38,7 @@ def no_network():
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
-  root = tmp_path_factory.mktemp("mnist")
-  write_fake_idx(root / "archives" / "mnist")
-  tfds_dir = str(root / "tfds")
-  return datasets.prepare("mnist", str(root / "archives"), tfds_dir, download=False), tfds_dir
+  return fake_data.prepare_fake_mnist(tmp_path_factory.mktemp("mnist"))
 
 
 def all_batches(ds) -> list[dict]:
