@@ -119,6 +119,29 @@ def forward_flops_per_image(
   return compiled_flops(forward.lower(variables, x).compile())
 
 
+def _host_variables(
+  model: Any, head_model: Any, init_fn: Callable[..., Any], backbone: str, image_shape: tuple
+) -> dict[str, Any]:
+  """The initial backbone and head variables on the host, for the torch reference to copy."""
+  module = models.DEFAULT_MODULE[backbone]
+  initial = jax.device_get(init_fn(jax.random.PRNGKey(0)))
+  variables = {"params": initial.params, "batch_stats": initial.batch_stats}
+  feature = jax.eval_shape(
+    lambda: model.apply(variables, jnp.zeros((1, *image_shape)), train=False)
+  )[1][module]
+  head_variables = jax.device_get(
+    jax.jit(functools.partial(head_model.init, train=False))(
+      jax.random.PRNGKey(1), jnp.zeros(feature.shape, jnp.float32)
+    )
+  )
+  return {
+    "backbone": variables,
+    "head": head_variables,
+    "feature_shape": tuple(feature.shape[1:]),
+    "module": module,
+  }
+
+
 def contenders(
   args: argparse.Namespace,
   mesh: Any,
@@ -142,27 +165,9 @@ def contenders(
   init_fn = jax.jit(
     functools.partial(steps.create_train_state, model, tx, image_shape), out_shardings=repl
   )
-  module = models.DEFAULT_MODULE[args.backbone]
   head_model = models.FMCENet(NUM_PHASES, HEAD_WIDTH, HEAD_DEPTH, dtype, lowering=lowering)
-  initial = jax.device_get(init_fn(jax.random.PRNGKey(0)))
-  feature = jax.eval_shape(
-    lambda: model.apply(
-      {"params": initial.params, "batch_stats": initial.batch_stats},
-      jnp.zeros((1, *image_shape)),
-      train=False,
-    )
-  )[1][module]
-  head_variables = jax.device_get(
-    jax.jit(functools.partial(head_model.init, train=False))(
-      jax.random.PRNGKey(1), jnp.zeros(feature.shape, jnp.float32)
-    )
-  )
-  host = {
-    "backbone": {"params": initial.params, "batch_stats": initial.batch_stats},
-    "head": head_variables,
-    "feature_shape": tuple(feature.shape[1:]),
-    "module": module,
-  }
+  host = _host_variables(model, head_model, init_fn, args.backbone, image_shape)
+  module, head_variables = host["module"], host["head"]
   batch = parallel.global_batch(host_batch, mesh)
   rng = jax.random.PRNGKey(2)
   device = mesh.devices.flat[0]

@@ -15,6 +15,22 @@ import numpy as np
 from fmcejax import bench_jax
 
 
+def _models(args: argparse.Namespace, host: dict[str, Any], device: Any, ral: bool) -> tuple:
+  """The torch backbone and (for RAL) frozen head, holding the JAX contenders' initial weights."""
+  from fmcejax import torch_ref
+
+  model = torch_ref.create_backbone(args.backbone, args.num_classes, args.image_shape[-1])
+  torch_ref.copy_flax_variables(model, host["backbone"])
+  model.to(device)
+  if not ral:
+    return model, None
+  head = torch_ref.FMCENet(
+    bench_jax.NUM_PHASES, host["feature_shape"], bench_jax.HEAD_WIDTH, bench_jax.HEAD_DEPTH
+  )
+  torch_ref.copy_flax_variables(head, host["head"])
+  return model, torch_ref.frozen(head.to(device))
+
+
 def contenders(
   args: argparse.Namespace,
   host: dict[str, Any],
@@ -48,16 +64,7 @@ def contenders(
   for mode in modes:
     for variant in bench_jax.VARIANTS:
       framework = f"torch_{mode}"
-      model = torch_ref.create_backbone(args.backbone, args.num_classes, args.image_shape[-1])
-      torch_ref.copy_flax_variables(model, host["backbone"])
-      model.to(device)
-      head = None
-      if variant == "ral":
-        head = torch_ref.FMCENet(
-          bench_jax.NUM_PHASES, host["feature_shape"], bench_jax.HEAD_WIDTH, bench_jax.HEAD_DEPTH
-        )
-        torch_ref.copy_flax_variables(head, host["head"])
-        head = torch_ref.frozen(head.to(device))
+      model, head = _models(args, host, device, ral=variant == "ral")
       optimizer = torch_ref.create_optimizer(
         model,
         bench_jax.LEARNING_RATE,

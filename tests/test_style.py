@@ -1,6 +1,7 @@
 """One style for the whole tree: the formatter pinned in pyproject.toml (ruff format, 2-space
 indents, 100 columns) leaves every file as it is, and pyflakes finds no unused import or name."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -27,3 +28,38 @@ def test_the_tree_is_formatted():
 def test_no_unused_imports_or_undefined_names():
   result = _ruff("check", "--select", "F,E9")
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _modules():
+  return sorted((REPO / "fmcejax").glob("*.py"))
+
+
+def test_modules_and_functions_stay_small():
+  """About 400 lines a module and at most 80 a function, the sizes of the Flax examples."""
+  for path in _modules():
+    source = path.read_text()
+    assert source.count("\n") <= 450, f"{path.name}: {source.count(chr(10))} lines"
+    for node in ast.walk(ast.parse(source)):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        length = node.end_lineno - node.lineno + 1
+        assert length <= 80, f"{path.name}: {node.name} has {length} lines"
+
+
+def test_no_import_cycle_between_modules():
+  """Module-level `fmcejax` imports form no cycle (function-level imports are lazy by design)."""
+  graph = {}
+  for path in _modules():
+    deps = set()
+    for node in ast.parse(path.read_text()).body:
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fmcejax"):
+        parts = node.module.split(".")
+        deps |= {a.name for a in node.names} if len(parts) == 1 else {parts[1]}
+    graph[path.stem] = deps & {p.stem for p in _modules()}
+
+  def visit(name, path):
+    assert name not in path, f"import cycle: {' -> '.join([*path, name])}"
+    for dep in graph.get(name, ()):
+      visit(dep, [*path, name])
+
+  for name in graph:
+    visit(name, [])
