@@ -38,8 +38,6 @@ from fmcejax import (
   workdir,
 )
 
-STAGES = config_lib.STAGES
-
 
 class Pipeline:
   """The stages of one workdir; each is skipped when its metrics.json exists."""
@@ -65,7 +63,7 @@ class Pipeline:
       progress_bar=config.progress_bar,
     )
     self.input_workers = config_lib.parse_input_workers(
-      config.input_workers, jax.default_backend(), os.cpu_count() or 1
+      config.input_workers, parallel.platform(self.mesh), os.cpu_count() or 1
     )
 
   # -- files of the workdir --------------------------------------------------------------------
