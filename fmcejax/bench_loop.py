@@ -3,14 +3,15 @@
 `python -m fmcejax.bench_loop` runs the whole training loop (data, step, metric syncs, the
 checkpoint at each epoch end) with a model that costs next to nothing (one Dense layer,
 `--backbone linear`) on MNIST-shaped random data without augmentation, progress bar off, for the
-grain host pipeline (`host`) and the device-resident batches of `device_input` (`device`). What
-it reaches is the loop's ceiling; `host overhead` is the loop's time per step minus the same
-jitted step dispatched back to back on a fixed device batch.
+grain host pipeline (`host`) and the device-resident batches of `device_input`, one step per
+dispatch (`device`) or k (`device xk`, `--steps_per_dispatch`). What it reaches is the loop's
+ceiling; `host overhead` is the loop's time per step minus the same jitted step dispatched back to
+back on a fixed device batch.
 
 Beside it: the step rate an accelerator needs for real models, `MFU x peak / (XLA's FLOP count
 of the compiled train step per image)` (default: ResNet-18 and ResNet-50 on CIFAR at batch 128,
 35% of an H200's 989.4 TFLOP/s dense bf16). A loop slower than that rate leaves the accelerator
-idle. Runs of the two paths are interleaved in `--rounds`; figures are medians over rounds.
+idle. Runs of the loops are interleaved in `--rounds`; figures are medians over rounds.
 """
 
 from __future__ import annotations
@@ -115,13 +116,14 @@ def _job(
   )
 
 
-def _fit(job: trainer.Job, mesh: Mesh, path: str) -> dict[str, float]:
+def _fit(job: trainer.Job, mesh: Mesh, loop: str, k: int) -> dict[str, float]:
   """One `trainer.fit` from scratch: its steady-state rate and the wall time of the call."""
+  options = trainer.LoopOptions(
+    progress_bar=False, description=f"loop {loop}", steps_per_dispatch=k
+  )
   with tempfile.TemporaryDirectory() as run_dir:
     start = time.perf_counter()
-    result = trainer.fit(
-      job, Path(run_dir), mesh, trainer.LoopOptions(progress_bar=False, description=f"loop {path}")
-    )
+    result = trainer.fit(job, Path(run_dir), mesh, options)
     wall = time.perf_counter() - start
   return {
     "images_per_second": result["images_per_second"],
@@ -154,35 +156,20 @@ def _step_ms(
   return (time.perf_counter() - start) / steps_timed * 1e3
 
 
-def _scan_ms(job: trainer.Job, mesh: Mesh, k: int, sync_every: int) -> float:
-  """ms per step of a loop over `DeviceBatches.scan_steps(k)` for one epoch: k steps per
-  dispatch, the metrics brought to the host every `sync_every` steps (rounded up to k)."""
-  data = job.train_data
-  run = data.scan_steps(
-    functools.partial(steps.train_step, preprocess=job.preprocess, loss=job.loss),
-    k,
-    jax.random.PRNGKey(1),
-    parallel.compiler_options(mesh),
-  )
-  state, _ = run(_initial_state(job, mesh), 0)  # compiles
-  jax.block_until_ready(state)
-  calls = data.steps_per_epoch // k
-  every = max(1, -(-sync_every // k))
-  pending = []
-  start = time.perf_counter()
-  for i in range(calls):
-    state, metrics = run(state, i * k)
-    pending.append(metrics)
-    if (i + 1) % every == 0:
-      jax.device_get(pending)
-      pending.clear()
-  jax.device_get((state.step, pending))
-  return (time.perf_counter() - start) / (calls * k) * 1e3
+def _loops(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+  """(name, input path, steps per dispatch) of each loop timed: grain's batches one step per
+  dispatch, device batches with each `--steps_per_dispatch`."""
+  loops = [("host", "host", 1)] if "host" in args.inputs else []
+  if "device" in args.inputs:
+    loops += [
+      ("device" if k == 1 else f"device x{k}", "device", k) for k in args.steps_per_dispatch
+    ]
+  return loops
 
 
 def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
-  """Per batch size: each path's loop rate, the step alone, the host overhead, and k steps per
-  dispatch on device batches (medians over rounds)."""
+  """Per batch size: each loop's rate, the step alone and the host overhead (medians over
+  rounds)."""
   rng = np.random.default_rng(0)
   arrays = {
     "image": rng.integers(0, 256, (args.examples, *MNIST.image_shape), dtype=np.uint8),
@@ -190,48 +177,34 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
   }
   runs: dict[tuple[int, str], list[dict[str, float]]] = {}
   step_ms: dict[int, list[float]] = {}
-  scan_ms: dict[tuple[int, int], list[float]] = {}
   for _ in range(args.rounds):
     for b in args.batch_sizes:
-      for path in args.inputs:
+      for name, path, k in _loops(args):
         job = _job(args, arrays, b, path, mesh)
-        runs.setdefault((b, path), []).append(_fit(job, mesh, path))
+        runs.setdefault((b, name), []).append(_fit(job, mesh, name, k))
       step_ms.setdefault(b, []).append(_step_ms(job, mesh, arrays, args.step_repeats))
-      device_job = _job(args, arrays, b, "device", mesh)
-      for k in args.scan:
-        scan_ms.setdefault((b, k), []).append(
-          _scan_ms(device_job, mesh, k, trainer.LoopOptions.log_every)
-        )
   loop: dict[str, Any] = {}
   for b in args.batch_sizes:
     alone = statistics.median(step_ms[b])
     entry: dict[str, Any] = {"step_ms": alone}
-    for path in args.inputs:
-      rates = [r["images_per_second"] for r in runs[b, path]]
+    for name, _, _ in _loops(args):
+      rates = [r["images_per_second"] for r in runs[b, name]]
       ips = statistics.median(rates)
       ms = b / ips * 1e3
-      entry[path] = {
+      entry[name] = {
         "images_per_second": ips,
         "images_per_second_by_round": rates,
         "steps_per_second": ips / b,
         "ms_per_step": ms,
         "host_overhead_ms": ms - alone,
         "wall_images_per_second": statistics.median(
-          r["wall_images_per_second"] for r in runs[b, path]
+          r["wall_images_per_second"] for r in runs[b, name]
         ),
-        "steps": runs[b, path][0]["steps"],
+        "steps": runs[b, name][0]["steps"],
       }
-    entry["scan"] = {}
-    for k in args.scan:
-      ms = statistics.median(scan_ms[b, k])
-      entry["scan"][str(k)] = {
-        "ms_per_step": ms,
-        "steps_per_second": 1e3 / ms,
-        "images_per_second": b * 1e3 / ms,
-      }
-    best = max(args.inputs, key=lambda p: entry[p]["images_per_second"])
+    best = max((name for name, _, _ in _loops(args)), key=lambda n: entry[n]["images_per_second"])
     entry["ceiling"] = {
-      "input": best,
+      "loop": best,
       "images_per_second": entry[best]["images_per_second"],
       "steps_per_second": entry[best]["steps_per_second"],
     }
@@ -284,14 +257,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   at = loop.get(str(required["batch_size"]))
   if target and at:
     ratio = at["ceiling"]["steps_per_second"] / target
-    scan = {k: v["steps_per_second"] / target for k, v in at["scan"].items()}
     goal = {
       "backbone": args.goal_backbone,
       "batch_size": required["batch_size"],
+      "loop": at["ceiling"]["loop"],
       "ceiling_over_required": ratio,
       "wanted": args.goal_factor,
       "met": ratio >= args.goal_factor,
-      "scan_over_required": scan,
+      "by_loop": {name: at[name]["steps_per_second"] / target for name, _, _ in _loops(args)},
     }
   return {
     "config": {
@@ -300,8 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "examples": args.examples,
       "epochs": args.epochs,
       "rounds": args.rounds,
-      "inputs": list(args.inputs),
-      "scan": args.scan,
+      "loops": [name for name, _, _ in _loops(args)],
       "augment": False,
       "progress_bar": False,
       "log_every": trainer.LoopOptions.log_every,
@@ -321,26 +293,18 @@ def format_table(result: dict[str, Any]) -> str:
     f"loop ceiling: trainer.fit, {cfg['backbone']} model, {cfg['examples']} MNIST-shaped "
     f"examples x {cfg['epochs']} epochs, on {env['device_count']} x {env['device_kind']} "
     f"(load {env['load_average_start'][0]:.1f} -> {env['load_average_end'][0]:.1f})",
-    f"{'batch':>6}{'input':>8}{'img/s':>10}{'steps/s':>9}{'ms/step':>9}"
+    f"{'batch':>6}{'loop':>11}{'img/s':>10}{'steps/s':>9}{'ms/step':>9}"
     f"{'step alone':>11}{'host ms':>9}{'wall img/s':>11}",
   ]
   for b, entry in result["loop"].items():
-    for path in cfg["inputs"]:
-      f = entry[path]
+    for name in cfg["loops"]:
+      f = entry[name]
       lines.append(
-        f"{b:>6}{path:>8}{f['images_per_second']:>10.0f}"
+        f"{b:>6}{name:>11}{f['images_per_second']:>10.0f}"
         f"{f['steps_per_second']:>9.1f}{f['ms_per_step']:>9.2f}"
         f"{bench._fmt(entry['step_ms'], '11.2f')}"
         f"{bench._fmt(f['host_overhead_ms'], '9.2f')}"
         f"{f['wall_images_per_second']:>11.0f}"
-      )
-    if entry["scan"]:
-      lines.append(
-        f"{b:>6}  device batches, k steps per dispatch (lax.scan, no checkpoints): "
-        + ", ".join(
-          f"k={k} {v['ms_per_step']:.3f} ms/step ({v['images_per_second']:.0f} img/s)"
-          for k, v in entry["scan"].items()
-        )
       )
   peak = req["peak_flops_per_device"]
   lines.append(
@@ -357,11 +321,9 @@ def format_table(result: dict[str, Any]) -> str:
   if goal:
     lines.append(
       f"ceiling / {goal['backbone']} need at batch {goal['batch_size']}: "
-      f"{goal['ceiling_over_required']:.2f}x (goal >= {goal['wanted']:g}x: "
-      f"{'met' if goal['met'] else 'NOT met'})"
-      + "".join(
-        f"; with k={k} steps per dispatch {r:.2f}x" for k, r in goal["scan_over_required"].items()
-      )
+      f"{goal['ceiling_over_required']:.2f}x ({goal['loop']}; goal >= {goal['wanted']:g}x: "
+      f"{'met' if goal['met'] else 'NOT met'}); by loop: "
+      + ", ".join(f"{name} {r:.2f}x" for name, r in goal["by_loop"].items())
     )
   return "\n".join(lines)
 
@@ -390,10 +352,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument(
-    "--scan",
+    "--steps_per_dispatch",
     default=[1, 8],
     type=_ints,
-    help="steps per dispatch to time with DeviceBatches.scan_steps ('' none)",
+    help="the device loops timed: trainer.fit with these steps per dispatch",
   )
   parser.add_argument(
     "--step_repeats", type=int, default=200, help="steps of the step-alone timing"
@@ -423,6 +385,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error(f"--inputs takes a comma list of {', '.join(INPUTS)}")
   if not args.batch_sizes or min(args.batch_sizes) < 1 or args.rounds < 1 or args.epochs < 1:
     parser.error("--batch_sizes, --rounds and --epochs must be >= 1")
+  if "device" in args.inputs and (not args.steps_per_dispatch or min(args.steps_per_dispatch) < 1):
+    parser.error("--steps_per_dispatch takes a comma list of integers >= 1")
   if not 0 < args.mfu <= 1:
     parser.error(f"--mfu must lie in (0, 1], got {args.mfu}")
   return args

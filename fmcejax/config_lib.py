@@ -36,6 +36,28 @@ RUN_ONLY_FIELDS = (
   "progress_bar",
   "nan_policy",
   "input_workers",
+  "steps_per_dispatch",  # float rounding only, like the device count
+)
+
+# Integer fields and their smallest accepted value.
+INT_MINIMA = (
+  ("epochs", 1),
+  ("batch_size", 1),
+  ("eval_batch_size", 1),
+  ("train_examples_limit", 0),
+  ("test_examples_limit", 0),
+  ("log_every", 1),
+  ("keep_checkpoints", 1),
+  ("checkpoint_every_steps", 0),
+  ("steps_per_dispatch", 1),
+  ("probe.epochs", 1),
+  ("probe.train_examples_limit", 0),
+  ("num_phases", 2),
+  ("fmcs.subset_size", 2),
+  ("fmce_net.width", 1),
+  ("fmce_net.depth", 1),
+  ("fmce_net.epochs", 1),
+  ("fmce_net.batch_size", 1),
 )
 
 
@@ -177,24 +199,7 @@ def validate(
   _float_in(config, "weight_decay", 0.0, math.inf)
   _float_in(config, "momentum", 0.0, 1.0)
   _float_in(config, "warmup_epochs", 0.0, math.inf)
-  for field, low in (
-    ("epochs", 1),
-    ("batch_size", 1),
-    ("eval_batch_size", 1),
-    ("train_examples_limit", 0),
-    ("test_examples_limit", 0),
-    ("log_every", 1),
-    ("keep_checkpoints", 1),
-    ("checkpoint_every_steps", 0),
-    ("probe.epochs", 1),
-    ("probe.train_examples_limit", 0),
-    ("num_phases", 2),
-    ("fmcs.subset_size", 2),
-    ("fmce_net.width", 1),
-    ("fmce_net.depth", 1),
-    ("fmce_net.epochs", 1),
-    ("fmce_net.batch_size", 1),
-  ):
+  for field, low in INT_MINIMA:
     _int_at_least(config, field, low)
   _float_in(config, "cqi.beta", 0.0, 1.0)
   _int_at_least(config, "cqi.window", 1)
@@ -314,9 +319,17 @@ def _check_fmcs_sizes(config: ml_collections.ConfigDict, pool: int) -> None:
 
 
 def _check_input_on_device(config: ml_collections.ConfigDict) -> None:
-  """input_on_device=on needs every backbone run's training split to fit on the devices."""
+  """input_on_device=on needs every backbone run's training split to fit on the devices;
+  several steps per dispatch need the batches made on the devices."""
   from fmcejax import datasets, device_input
 
+  if config.steps_per_dispatch > 1 and config.input_on_device == "off":
+    raise ConfigError(
+      "steps_per_dispatch",
+      config.steps_per_dispatch,
+      '1 with input_on_device="off"',
+      "Several steps per dispatch scan over batches held on the devices.",
+    )
   info = datasets.DATASET_INFO[config.dataset]
   for field in ("train_examples_limit", "probe.train_examples_limit"):
     limit = _get(config, field)

@@ -165,7 +165,8 @@ class DeviceBatches:
     rng: jax.Array,
     compiler_options: dict[str, str] | None = None,
   ) -> Callable[[Any, int, Any], tuple[Any, Any]]:
-    """`k` train steps in one dispatch, for a loop whose per-step host cost is the ceiling.
+    """`k` train steps in one dispatch (`trainer.fit` with `steps_per_dispatch` > 1), so the
+    host's cost per step no longer bounds the step rate.
 
     Returns `run(state, step, head_variables) -> (state, metrics stacked over k)`: steps
     `step .. step + k - 1`, each `train_step(state, batch, rng, head_variables)` on

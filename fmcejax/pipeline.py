@@ -61,6 +61,7 @@ class Pipeline:
       keep_checkpoints=config.keep_checkpoints,
       nan_policy=config.nan_policy,
       progress_bar=config.progress_bar,
+      steps_per_dispatch=config.steps_per_dispatch,
     )
     self.input_workers = config_lib.parse_input_workers(
       config.input_workers, parallel.platform(self.mesh), os.cpu_count() or 1
@@ -106,6 +107,12 @@ class Pipeline:
     (and in `config`'s RAL fields, for a study's arms)."""
     c = config or self.config
     on_device = device_input.use_device_input(c.input_on_device, self.info, limit)
+    if c.steps_per_dispatch > 1 and not on_device:
+      logging.warning(
+        "%s: the training split is too large for the devices; one step per dispatch, not %d",
+        role,
+        c.steps_per_dispatch,
+      )
     spe = input_pipeline.steps_per_epoch(self.info, c.batch_size, limit)
     lr = steps.learning_rate_schedule(
       c.learning_rate, c.lr_schedule, int(c.warmup_epochs * spe), spe * epochs

@@ -24,11 +24,10 @@ import grain
 import jax
 import numpy as np
 import optax
-import tqdm
 from etils import epath
 from jax.sharding import Mesh
 
-from fmcejax import checkpointing, evaluation, parallel, steps
+from fmcejax import checkpointing, evaluation, parallel, run_log, steps
 
 
 class Preempted(Exception):
@@ -41,7 +40,8 @@ class NonFiniteError(RuntimeError):
 
 class Batches(Protocol):
   """Training batches, batch k a pure function of k (`input_pipeline.HostBatches`,
-  `device_input.DeviceBatches`)."""
+  `device_input.DeviceBatches`; the latter can also run several steps in one dispatch,
+  `scan_steps`)."""
 
   def __len__(self) -> int: ...
 
@@ -81,6 +81,7 @@ class LoopOptions:
   nan_policy: str = "error"  # error | skip
   progress_bar: bool = True
   description: str = ""
+  steps_per_dispatch: int = 1  # > 1: `lax.scan` over device-resident batches (`scan_steps`)
 
 
 EpochHook = Callable[[int, steps.TrainState, list[dict[str, Any]]], bool]
@@ -142,13 +143,6 @@ def fit(
   Returns the final metrics: test accuracy/loss, images/s, the per-epoch history and the state.
   """
   run_dir = epath.Path(run_dir)
-  train_fn = jit_train_step(
-    mesh,
-    preprocess=job.preprocess,
-    loss=job.loss,
-    compiler_options=parallel.compiler_options(mesh),
-    head=job.head if job.train_with_head else None,
-  )
   evaluate = _evaluator(job, mesh)
   head_variables = (
     parallel.replicate(job.head_variables, mesh) if job.head_variables is not None else None
@@ -158,23 +152,29 @@ def fit(
   meter = _Meter(job, options, progress)
   step, total = int(jax.device_get(state.step)), job.steps_per_epoch * job.epochs
   rng = parallel.replicate(jax.random.PRNGKey(job.seed + 1), mesh)
-  log = _Log(run_dir / "tb", options, job.epochs, total, step)
+  log = run_log.RunLog(
+    run_dir / "tb", options.description, options.progress_bar, job.epochs, total, step
+  )
   try:
-    with _sigterm_handled(), contextlib.closing(job.train_data.iterator(step)) as batches:
+    with (
+      _sigterm_handled(),
+      _stepper(job, mesh, options, rng, head_variables, step) as (advance, k),
+    ):
       while step < total and not meter.progress["stopped_early"]:
-        state, metrics = train_fn(state, next(batches), rng, head_variables)
-        step += 1
+        n = _dispatch_size(step, k, job.steps_per_epoch, options.checkpoint_every_steps)
+        state, metrics = advance(state, step, n)
+        step += n
         meter.pending.append(metrics)
-        log.advance()
+        log.advance(n)
         epoch_end = step % job.steps_per_epoch == 0
         due = epoch_end or bool(
           options.checkpoint_every_steps and step % options.checkpoint_every_steps == 0
         )
-        logged = step % options.log_every == 0
+        logged = step // options.log_every > (step - n) // options.log_every
         if due or logged or not meter.warm:
           log.train(step, meter.sync(step, manager))
         if epoch_end:
-          record = meter.end_epoch(step, metrics, evaluate(state, head_variables, step == total))
+          record = meter.end_epoch(step, evaluate(state, head_variables, step == total))
           log.epoch(step, record)
           if on_epoch_end is not None and on_epoch_end(
             record["epoch"], state, meter.progress["history"]
@@ -199,6 +199,53 @@ def fit(
     manager.close()
     log.close()
   return meter.result(step, state, evaluate(state, head_variables, True))
+
+
+@contextlib.contextmanager
+def _stepper(
+  job: Job, mesh: Mesh, options: LoopOptions, rng: jax.Array, head_variables: Any, start: int
+) -> Iterator[tuple[Callable[[Any, int, int], tuple[Any, Any]], int]]:
+  """`(advance, k)`: `advance(state, step, n)` trains steps `step .. step + n - 1` (n <= k) and
+  returns the state and their metrics. With device-resident batches and `steps_per_dispatch` > 1
+  that is one `lax.scan` (`DeviceBatches.scan_steps`, compiled once per distinct n), else one
+  jitted step per batch of the loader (k = 1). The step's function is the same either way."""
+  head = job.head if job.train_with_head else None
+  compiler_options = parallel.compiler_options(mesh)
+  scan_steps = getattr(job.train_data, "scan_steps", None)
+  if options.steps_per_dispatch > 1 and scan_steps is not None:
+    step_fn = functools.partial(
+      steps.train_step, preprocess=job.preprocess, head=head, loss=job.loss
+    )
+    runs: dict[int, Callable[..., Any]] = {}
+
+    def scanned(state, step, n):
+      if n not in runs:
+        runs[n] = scan_steps(step_fn, n, rng, compiler_options)
+      return runs[n](state, step, head_variables)
+
+    yield scanned, options.steps_per_dispatch
+    return
+  train_fn = jit_train_step(
+    mesh, preprocess=job.preprocess, head=head, loss=job.loss, compiler_options=compiler_options
+  )
+  with contextlib.closing(job.train_data.iterator(start)) as batches:
+
+    def one(state, step, n):
+      del step, n  # always 1
+      return train_fn(state, next(batches), rng, head_variables)
+
+    yield one, 1
+
+
+def _dispatch_size(step: int, k: int, steps_per_epoch: int, checkpoint_every: int) -> int:
+  """Steps in the dispatch from `step`: up to the next multiple of `k` within the epoch, never
+  past the epoch's end or a checkpoint step. A pure function of the step, so a resumed run
+  dispatches (and rounds) exactly as the uninterrupted one."""
+  index = step % steps_per_epoch
+  n = min(k - index % k, steps_per_epoch - index)
+  if checkpoint_every:
+    n = min(n, checkpoint_every - step % checkpoint_every)
+  return n
 
 
 def _start(
@@ -253,6 +300,7 @@ class _Meter:
   options: LoopOptions
   progress: dict[str, Any]
   pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+  last: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last synced step's metrics
   warm: bool = False
   clock: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -264,7 +312,7 @@ class _Meter:
     returns the scalars to log."""
     if not self.pending:
       return {}
-    values, p = jax.device_get(self.pending), self.progress
+    values, p = [row for v in jax.device_get(self.pending) for row in _rows(v)], self.progress
     self.pending = []
     now = time.perf_counter()
     if self.warm:  # the first sync follows the compilation
@@ -283,6 +331,7 @@ class _Meter:
       for k in ("loss", "ce", "conv", "fmcs", "alpha", "accuracy")
       if k in values[-1]
     }
+    self.last = values[-1]
     scalars["train/learning_rate"] = float(self.job.learning_rate(step))
     scalars["train/images_per_second"] = self.images_per_second()
     return scalars
@@ -309,14 +358,13 @@ class _Meter:
     p = self.progress
     return p["images"] / p["train_seconds"] if p["train_seconds"] else None
 
-  def end_epoch(
-    self, step: int, metrics: dict[str, jax.Array], evaluate: Callable[[], dict] | None
-  ) -> dict[str, Any]:
+  def end_epoch(self, step: int, evaluate: Callable[[], dict] | None) -> dict[str, Any]:
+    """The epoch's record; the step metrics are synced (every epoch end is)."""
     p = self.progress
     record = {
       "epoch": step // self.job.steps_per_epoch,
       "train_loss": p["loss_sum"] / max(p["loss_count"], 1),
-      "alpha": float(metrics["alpha"]),
+      "alpha": float(self.last["alpha"]),
       "learning_rate": float(self.job.learning_rate(step - 1)),
     }
     p["loss_sum"], p["loss_count"] = 0.0, 0
@@ -345,62 +393,8 @@ class _Meter:
     }
 
 
-class _Log:
-  """What a person watches: TensorBoard scalars and a progress bar, from process 0 only."""
-
-  def __init__(self, logdir: epath.Path, options: LoopOptions, epochs: int, total: int, step: int):
-    self._options, self._epochs = options, epochs
-    self._tb = self._bar = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(logdir))
-      if options.progress_bar:
-        self._bar = tqdm.tqdm(
-          total=total,
-          initial=step,
-          desc=options.description,
-          unit="step",
-          dynamic_ncols=True,
-          leave=False,
-        )
-
-  def _scalars(self, step: int, values: dict[str, float | None]) -> None:
-    if self._tb is not None:
-      for k, v in values.items():
-        if v is not None and np.isfinite(v):
-          self._tb.add_scalar(k, v, step)
-
-  def advance(self) -> None:
-    if self._bar is not None:
-      self._bar.update(1)
-
-  def train(self, step: int, scalars: dict[str, float | None]) -> None:
-    self._scalars(step, scalars)
-    if self._bar is not None and scalars:
-      self._bar.set_postfix(
-        loss=f"{scalars['train/loss']:.4f}",
-        img_s=f"{scalars['train/images_per_second'] or 0.0:.0f}",
-      )
-
-  def epoch(self, step: int, record: dict[str, Any]) -> None:
-    self._scalars(step, {f"epoch/{k}": v for k, v in record.items() if k != "epoch"})
-    if jax.process_index() == 0:
-      parts = [
-        f"{self._options.description} epoch {record['epoch']}/{self._epochs}",
-        f"train_loss {record['train_loss']:.4f}",
-      ]
-      if record.get("test_accuracy") is not None:
-        parts += [
-          f"test_acc {100 * record['test_accuracy']:.2f}%",
-          f"test_loss {record['test_loss']:.4f}",
-        ]
-      if record.get("fmcs") is not None:
-        parts.append(f"fmcs {record['fmcs']:.3f}")
-      tqdm.tqdm.write(" | ".join(parts))
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-    if self._bar is not None:
-      self._bar.close()
+def _rows(metrics: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """One step's metrics, or a scan's stacked over its steps, as one dict per step."""
+  if np.ndim(metrics["loss"]) == 0:
+    return [metrics]
+  return [dict(zip(metrics, values)) for values in zip(*metrics.values())]

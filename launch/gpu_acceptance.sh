@@ -82,7 +82,8 @@ if [[ "$TINY" == 1 ]]; then
   CAP_INSTALL=0 CAP_IMPORTS=0 CAP_BENCH=0 CAP_BENCH_BIG=0 CAP_LOOP=0 CAP_TRAIN=0
   BENCH=(--image_shape "32,32,3" --batch_size 16 --dtype float32 --steps 2 --warmup 0 --rounds 1
          --torch none --pipeline_batches 2 --input_workers 0)
-  LOOP=(--batch_sizes 16 --examples 128 --epochs 1 --rounds 1 --step_repeats 3 --scan 2
+  LOOP=(--batch_sizes 16 --examples 128 --epochs 1 --rounds 1 --step_repeats 3
+        --steps_per_dispatch "1,2"
         --required cnn --goal_backbone cnn --required_batch 16)
   TRAIN=(--config.backbone=cnn --config.dtype=float32 --config.input_on_device=on
          --config.batch_size=16 --config.eval_batch_size=32 --config.train_examples_limit=64

@@ -105,3 +105,22 @@ def test_input_on_device_is_validated_before_anything_runs():
     config_lib.validate(config, device_count=8, process_count=1, check_data=False)
   config.input_on_device = "on"
   config_lib.validate(config, device_count=8, process_count=1, check_data=False)  # MNIST fits
+
+
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    ({"steps_per_dispatch": 0}, r"'steps_per_dispatch' = 0.*an integer >= 1"),
+    (
+      {"steps_per_dispatch": 8, "input_on_device": "off"},
+      r"'steps_per_dispatch' = 8.*held on the devices.*Accepted: 1 with input_on_device=\"off\"",
+    ),
+  ],
+)
+def test_steps_per_dispatch_is_validated_before_anything_runs(fields, message):
+  config = default.get_config()
+  config.update(fields)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config, device_count=8, process_count=1, check_data=False)
+  config.update({"steps_per_dispatch": 8, "input_on_device": "auto"})
+  config_lib.validate(config, device_count=8, process_count=1, check_data=False)

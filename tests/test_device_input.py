@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import COLLECTIVE_TIMEOUT
 
@@ -187,10 +189,19 @@ def test_bad_arrays_and_batches_are_refused(mesh):
 SHAPE = (28, 28, 1)
 
 
-def _job(mesh, epochs=2):
+class _Head(nn.Module):
+  """A frozen head on the linear model's logits: enough to put the RAL in the step."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    del train
+    return nn.Dense(5)(x)
+
+
+def _job(mesh, epochs=2, n=128, with_head=False):
   rng = np.random.default_rng(0)
-  labels = rng.integers(0, 10, 128)
-  images = np.clip(rng.normal(20 * labels[:, None, None, None], 30, (128, *SHAPE)), 0, 255)
+  labels = rng.integers(0, 10, n)
+  images = np.clip(rng.normal(20 * labels[:, None, None, None], 30, (n, *SHAPE)), 0, 255)
   data = device_input.train_batches(
     {"image": images.astype(np.uint8), "label": labels},
     global_batch=32,
@@ -212,13 +223,23 @@ def _job(mesh, epochs=2):
     learning_rate=lr,
     seed=0,
     identity={"job": "device"},
+    **(_ral() if with_head else {}),
   )
 
 
-def _fit(job, mesh, run_dir, hook=None):
-  return trainer.fit(
-    job, run_dir, mesh, trainer.LoopOptions(progress_bar=False, log_every=3), on_epoch_end=hook
-  )
+def _ral():
+  variables = _Head().init(jax.random.PRNGKey(7), np.zeros((1, 10), np.float32), False)
+  return {
+    "head": steps.Head(model=_Head(), module="logits"),
+    "head_variables": variables,
+    "train_with_head": True,
+    "loss": steps.Loss(alpha=optax.constant_schedule(0.3)),
+  }
+
+
+def _fit(job, mesh, run_dir, hook=None, **options):
+  options = trainer.LoopOptions(**{"progress_bar": False, "log_every": 3} | options)
+  return trainer.fit(job, run_dir, mesh, options, on_epoch_end=hook)
 
 
 def test_fit_on_device_batches_resumes_exactly_after_sigterm(tmp_path, mesh):
@@ -275,6 +296,56 @@ def test_scan_steps_equal_one_dispatch_per_step(mesh):
     run(scanned, 3)
   with pytest.raises(ValueError, match="k must lie"):
     data.scan_steps(steps.train_step, 5, rng)
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_several_steps_per_dispatch_train_as_one_and_resume_exactly(
+  tmp_path, mesh, monkeypatch, with_head
+):
+  """`fit` with 3 steps per dispatch (7 steps per epoch, checkpoints at even steps) trains like one
+  step per dispatch, baseline and RAL, and SIGTERM in mid-epoch, between checkpoints, resumes to
+  the bitwise same run."""
+  job = functools.partial(_job, mesh, n=7 * 32, with_head=with_head)
+  options = {"steps_per_dispatch": 3, "checkpoint_every_steps": 2}
+  single = _fit(job(), mesh, tmp_path / "single", checkpoint_every_steps=2)
+  straight = _fit(job(), mesh, tmp_path / "straight", **options)
+  assert straight["steps"] == single["steps"] == 14
+  chex.assert_trees_all_close(
+    jax.device_get(straight["state"].params),
+    jax.device_get(single["state"].params),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  for a, b in zip(straight["history"], single["history"], strict=True):
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+
+  dispatched = []
+  scan_steps = device_input.DeviceBatches.scan_steps
+
+  def preempting_scan_steps(self, train_step, k, rng, compiler_options=None):
+    run = scan_steps(self, train_step, k, rng, compiler_options)
+
+    def counted(state, step, head_variables=None):
+      dispatched.append((step, k))
+      if step == 12:  # epoch 2's step 6 of 7, after the checkpoint at step 12
+        os.kill(os.getpid(), signal.SIGTERM)
+      return run(state, step, head_variables)
+
+    return counted
+
+  monkeypatch.setattr(device_input.DeviceBatches, "scan_steps", preempting_scan_steps)
+  with pytest.raises(trainer.Preempted, match="checkpoint written at step 13"):
+    _fit(job(), mesh, tmp_path / "resumed", **options)
+  # Up to the next multiple of 3 within the epoch, never past a checkpoint step or the epoch end.
+  assert dispatched == [(0, 2), (2, 1), (3, 1), (4, 2), (6, 1), (7, 1), (8, 2), (10, 2), (12, 1)]
+  monkeypatch.setattr(device_input.DeviceBatches, "scan_steps", scan_steps)
+  resumed = _fit(job(), mesh, tmp_path / "resumed", **options)
+  for field in ("params", "batch_stats", "opt_state"):
+    chex.assert_trees_all_equal(
+      jax.device_get(getattr(resumed["state"], field)),
+      jax.device_get(getattr(straight["state"], field)),
+    )
+  assert resumed["history"] == straight["history"]
 
 
 _TWO_PROCESS_SCRIPT = """
