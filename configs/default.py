@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.fmce_net.weight_decay = 1e-4  # AdamW, on kernels only
 
   # Checkpoints and logging (these do not change results).
-  c.checkpoint_every_steps = 0  # 0 = at the end of every epoch only
+  c.checkpoint_every_steps = 0  # 0 = at epoch ends only; with steps_per_dispatch, the next boundary
   c.keep_checkpoints = 2  # newest checkpoints kept per run
   c.log_every = 50  # steps between host syncs of the metrics
   c.progress_bar = True  # tqdm per run, on process 0

@@ -161,53 +161,76 @@ class DeviceBatches:
   def scan_steps(
     self,
     train_step: Callable[..., tuple[Any, Any]],
-    k: int,
     rng: jax.Array,
     compiler_options: dict[str, str] | None = None,
-  ) -> Callable[[Any, int, Any], tuple[Any, Any]]:
-    """`k` train steps in one dispatch (`trainer.fit` with `steps_per_dispatch` > 1), so the
-    host's cost per step no longer bounds the step rate.
+  ) -> StepScan:
+    """Several train steps of this stream per dispatch (`trainer.fit` with `steps_per_dispatch`
+    > 1), so that the host's cost per step no longer bounds the step rate."""
+    return StepScan(self, train_step, rng, compiler_options)
 
-    Returns `run(state, step, head_variables) -> (state, metrics stacked over k)`: steps
-    `step .. step + k - 1`, each `train_step(state, batch, rng, head_variables)` on
-    batch s of this stream (`steps.train_step` with its keywords bound), fused with the gather
-    in one `lax.scan`. The k steps must lie in one epoch. The state is replicated and donated.
-    """
-    if not 1 <= k <= self.steps_per_epoch:
-      raise ValueError(f"k must lie in [1, {self.steps_per_epoch}] (steps per epoch), got {k}.")
-    select = _select_fn(self.mesh, self.global_batch, self.augment)
-    repl = parallel.replicated(self.mesh)
+
+@dataclasses.dataclass(eq=False)
+class StepScan:
+  """`scan(state, step, n, head_variables)`: train steps `step .. step + n - 1` of `data`, each
+  `train_step(state, batch, rng, head_variables)` on batch s of the stream (`steps.train_step`
+  with its keywords bound), fused with the gather in one `lax.scan`. Returns the state and the
+  metrics stacked over the n steps. The steps must lie in one epoch; the state is replicated and
+  donated. One program per length n, compiled ahead of time by `compile` or at first use."""
+
+  data: DeviceBatches
+  train_step: Callable[..., tuple[Any, Any]]
+  rng: jax.Array
+  compiler_options: dict[str, str] | None = None
+  _programs: dict[int, Any] = dataclasses.field(default_factory=dict)
+  _order: tuple[int, jax.Array] = (-1, None)
+
+  def _args(self, state: Any, step: int, head_variables: Any) -> tuple[Any, ...]:
+    epoch = step // self.data.steps_per_epoch
+    if self._order[0] != epoch:
+      self._order = (epoch, self.data.permutation(epoch))
+    d = self.data
+    return (
+      state,
+      d.images,
+      d.labels,
+      self._order[1],
+      np.int32(d.seed),
+      np.int32(step),
+      head_variables,
+    )
+
+  def compile(self, n: int, state: Any, head_variables: Any = None) -> None:
+    """Compiles the program of n steps (from `state`'s shapes; nothing runs)."""
+    if not 1 <= n <= self.data.steps_per_epoch:
+      raise ValueError(
+        f"n must lie in [1, {self.data.steps_per_epoch}] (steps per epoch), got {n}."
+      )
+    if n in self._programs:
+      return
+    select = _select_fn(self.data.mesh, self.data.global_batch, self.data.augment)
 
     def steps_from(state, images, labels, order, seed, step, head_variables):
       def body(state, i):
         batch = select(images, labels, order, seed, step + i)
-        return train_step(state, batch, rng, head_variables)
+        return self.train_step(state, batch, self.rng, head_variables)
 
-      return jax.lax.scan(body, state, jnp.arange(k))
+      return jax.lax.scan(body, state, jnp.arange(n))
 
+    repl = parallel.replicated(self.data.mesh)
     jitted = jax.jit(
-      steps_from, out_shardings=(repl, repl), donate_argnums=0, compiler_options=compiler_options
+      steps_from,
+      out_shardings=(repl, repl),
+      donate_argnums=0,
+      compiler_options=self.compiler_options,
     )
-    orders: dict[int, jax.Array] = {}
+    self._programs[n] = jitted.lower(*self._args(state, 0, head_variables)).compile()
 
-    def run(state, step: int, head_variables=None):
-      epoch, index = divmod(step, self.steps_per_epoch)
-      if index + k > self.steps_per_epoch:
-        raise ValueError(f"steps {step}..{step + k - 1} cross an epoch end.")
-      if epoch not in orders:
-        orders.clear()
-        orders[epoch] = self.permutation(epoch)
-      return jitted(
-        state,
-        self.images,
-        self.labels,
-        orders[epoch],
-        np.int32(self.seed),
-        np.int32(step),
-        head_variables,
-      )
-
-    return run
+  def __call__(self, state: Any, step: int, n: int, head_variables: Any = None) -> tuple[Any, Any]:
+    index = step % self.data.steps_per_epoch
+    if index + n > self.data.steps_per_epoch:
+      raise ValueError(f"steps {step}..{step + n - 1} cross an epoch end.")
+    self.compile(n, state, head_variables)
+    return self._programs[n](*self._args(state, step, head_variables))
 
 
 def train_batches(

@@ -158,19 +158,17 @@ def fit(
   try:
     with (
       _sigterm_handled(),
-      _stepper(job, mesh, options, rng, head_variables, step) as (advance, k),
+      _stepper(job, mesh, options, rng, state, head_variables, step) as (advance, k),
     ):
       while step < total and not meter.progress["stopped_early"]:
-        n = _dispatch_size(step, k, job.steps_per_epoch, options.checkpoint_every_steps)
+        n = _dispatch_size(step, k, job.steps_per_epoch)
         state, metrics = advance(state, step, n)
         step += n
         meter.pending.append(metrics)
         log.advance(n)
         epoch_end = step % job.steps_per_epoch == 0
-        due = epoch_end or bool(
-          options.checkpoint_every_steps and step % options.checkpoint_every_steps == 0
-        )
-        logged = step // options.log_every > (step - n) // options.log_every
+        due = epoch_end or _crossed(step, n, options.checkpoint_every_steps)
+        logged = _crossed(step, n, options.log_every)
         if due or logged or not meter.warm:
           log.train(step, meter.sync(step, manager))
         if epoch_end:
@@ -203,49 +201,53 @@ def fit(
 
 @contextlib.contextmanager
 def _stepper(
-  job: Job, mesh: Mesh, options: LoopOptions, rng: jax.Array, head_variables: Any, start: int
+  job: Job,
+  mesh: Mesh,
+  options: LoopOptions,
+  rng: jax.Array,
+  state: Any,
+  head_variables: Any,
+  start: int,
 ) -> Iterator[tuple[Callable[[Any, int, int], tuple[Any, Any]], int]]:
   """`(advance, k)`: `advance(state, step, n)` trains steps `step .. step + n - 1` (n <= k) and
   returns the state and their metrics. With device-resident batches and `steps_per_dispatch` > 1
-  that is one `lax.scan` (`DeviceBatches.scan_steps`, compiled once per distinct n), else one
-  jitted step per batch of the loader (k = 1). The step's function is the same either way."""
+  that is one `lax.scan` (`DeviceBatches.scan_steps`), one program per dispatch length, all
+  compiled here, before the first step; else one jitted step per batch of the loader (k = 1).
+  The step's function is the same either way."""
   head = job.head if job.train_with_head else None
   compiler_options = parallel.compiler_options(mesh)
-  scan_steps = getattr(job.train_data, "scan_steps", None)
-  if options.steps_per_dispatch > 1 and scan_steps is not None:
+  k, spe = options.steps_per_dispatch, job.steps_per_epoch
+  if k > 1 and hasattr(job.train_data, "scan_steps"):
     step_fn = functools.partial(
       steps.train_step, preprocess=job.preprocess, head=head, loss=job.loss
     )
-    runs: dict[int, Callable[..., Any]] = {}
-
-    def scanned(state, step, n):
-      if n not in runs:
-        runs[n] = scan_steps(step_fn, n, rng, compiler_options)
-      return runs[n](state, step, head_variables)
-
-    yield scanned, options.steps_per_dispatch
+    scan = job.train_data.scan_steps(step_fn, rng, compiler_options)
+    step, total = start, spe * job.epochs
+    while step < total:
+      n = _dispatch_size(step, k, spe)
+      scan.compile(n, state, head_variables)
+      step += n
+    yield (lambda state, step, n: scan(state, step, n, head_variables)), k
     return
   train_fn = jit_train_step(
     mesh, preprocess=job.preprocess, head=head, loss=job.loss, compiler_options=compiler_options
   )
   with contextlib.closing(job.train_data.iterator(start)) as batches:
-
-    def one(state, step, n):
-      del step, n  # always 1
-      return train_fn(state, next(batches), rng, head_variables)
-
-    yield one, 1
+    yield (lambda state, step, n: train_fn(state, next(batches), rng, head_variables)), 1
 
 
-def _dispatch_size(step: int, k: int, steps_per_epoch: int, checkpoint_every: int) -> int:
-  """Steps in the dispatch from `step`: up to the next multiple of `k` within the epoch, never
-  past the epoch's end or a checkpoint step. A pure function of the step, so a resumed run
-  dispatches (and rounds) exactly as the uninterrupted one."""
+def _crossed(step: int, n: int, every: int) -> bool:
+  """Whether the dispatch of steps `step - n + 1 .. step` reached a multiple of `every` (0: never):
+  log and checkpoint cadences hold at the first dispatch boundary at or after each multiple."""
+  return bool(every) and step // every > (step - n) // every
+
+
+def _dispatch_size(step: int, k: int, steps_per_epoch: int) -> int:
+  """Steps in the dispatch from `step`: up to the next multiple of `k` within the epoch and never
+  past its end, so a run has at most two lengths (k and the epoch's remainder). A pure function of
+  the step, so a resumed run dispatches (and rounds) exactly as the uninterrupted one."""
   index = step % steps_per_epoch
-  n = min(k - index % k, steps_per_epoch - index)
-  if checkpoint_every:
-    n = min(n, checkpoint_every - step % checkpoint_every)
-  return n
+  return min(k - index % k, steps_per_epoch - index)
 
 
 def _start(

@@ -280,12 +280,12 @@ def test_scan_steps_equal_one_dispatch_per_step(mesh):
     state, metrics = train_fn(state, batch, rng, None)
     losses.append(float(metrics["loss"]))
   run = data.scan_steps(
-    functools.partial(steps.train_step, preprocess=job.preprocess, loss=job.loss), 2, rng
+    functools.partial(steps.train_step, preprocess=job.preprocess, loss=job.loss), rng
   )
   scanned = init(jax.random.PRNGKey(0))
   scanned_losses = []
   for step in range(0, len(data), 2):
-    scanned, metrics = run(scanned, step)
+    scanned, metrics = run(scanned, step, 2)
     chex.assert_shape(metrics["loss"], (2,))
     scanned_losses += jax.device_get(metrics["loss"]).tolist()
   np.testing.assert_allclose(scanned_losses, losses, rtol=1e-5)
@@ -293,21 +293,21 @@ def test_scan_steps_equal_one_dispatch_per_step(mesh):
     jax.device_get(scanned.params), jax.device_get(state.params), rtol=1e-5, atol=1e-6
   )
   with pytest.raises(ValueError, match="cross an epoch end"):
-    run(scanned, 3)
-  with pytest.raises(ValueError, match="k must lie"):
-    data.scan_steps(steps.train_step, 5, rng)
+    run(scanned, 3, 2)
+  with pytest.raises(ValueError, match="n must lie"):
+    run.compile(5, scanned)
 
 
 @pytest.mark.parametrize("with_head", [False, True])
 def test_several_steps_per_dispatch_train_as_one_and_resume_exactly(
   tmp_path, mesh, monkeypatch, with_head
 ):
-  """`fit` with 3 steps per dispatch (7 steps per epoch, checkpoints at even steps) trains like one
-  step per dispatch, baseline and RAL, and SIGTERM in mid-epoch, between checkpoints, resumes to
-  the bitwise same run."""
+  """`fit` with 3 steps per dispatch (7 steps per epoch: dispatches of 3, 3 and 1 steps, both
+  programs compiled before the first) trains like one step per dispatch, baseline and RAL, and
+  SIGTERM between checkpoints resumes to the bitwise same run."""
   job = functools.partial(_job, mesh, n=7 * 32, with_head=with_head)
-  options = {"steps_per_dispatch": 3, "checkpoint_every_steps": 2}
-  single = _fit(job(), mesh, tmp_path / "single", checkpoint_every_steps=2)
+  options = {"steps_per_dispatch": 3, "checkpoint_every_steps": 5}
+  single = _fit(job(), mesh, tmp_path / "single", checkpoint_every_steps=5)
   straight = _fit(job(), mesh, tmp_path / "straight", **options)
   assert straight["steps"] == single["steps"] == 14
   chex.assert_trees_all_close(
@@ -319,26 +319,27 @@ def test_several_steps_per_dispatch_train_as_one_and_resume_exactly(
   for a, b in zip(straight["history"], single["history"], strict=True):
     np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
 
-  dispatched = []
-  scan_steps = device_input.DeviceBatches.scan_steps
+  events = []
+  compile_, call = device_input.StepScan.compile, device_input.StepScan.__call__
 
-  def preempting_scan_steps(self, train_step, k, rng, compiler_options=None):
-    run = scan_steps(self, train_step, k, rng, compiler_options)
+  def compiling(self, n, state, head_variables=None):
+    if n not in self._programs:
+      events.append(("compile", n))
+    return compile_(self, n, state, head_variables)
 
-    def counted(state, step, head_variables=None):
-      dispatched.append((step, k))
-      if step == 12:  # epoch 2's step 6 of 7, after the checkpoint at step 12
-        os.kill(os.getpid(), signal.SIGTERM)
-      return run(state, step, head_variables)
+  def preempting(self, state, step, n, head_variables=None):
+    events.append((step, n))
+    if step == 10:  # its dispatch ends at step 13: no checkpoint due (5 and 10 are behind)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return call(self, state, step, n, head_variables)
 
-    return counted
-
-  monkeypatch.setattr(device_input.DeviceBatches, "scan_steps", preempting_scan_steps)
+  monkeypatch.setattr(device_input.StepScan, "compile", compiling)
+  monkeypatch.setattr(device_input.StepScan, "__call__", preempting)
   with pytest.raises(trainer.Preempted, match="checkpoint written at step 13"):
     _fit(job(), mesh, tmp_path / "resumed", **options)
-  # Up to the next multiple of 3 within the epoch, never past a checkpoint step or the epoch end.
-  assert dispatched == [(0, 2), (2, 1), (3, 1), (4, 2), (6, 1), (7, 1), (8, 2), (10, 2), (12, 1)]
-  monkeypatch.setattr(device_input.DeviceBatches, "scan_steps", scan_steps)
+  assert events == [("compile", 3), ("compile", 1), (0, 3), (3, 3), (6, 1), (7, 3), (10, 3)]
+  assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [10, 13]
+  monkeypatch.undo()
   resumed = _fit(job(), mesh, tmp_path / "resumed", **options)
   for field in ("params", "batch_stats", "opt_state"):
     chex.assert_trees_all_equal(
