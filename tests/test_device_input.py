@@ -356,23 +356,32 @@ import numpy as np
 from jax.experimental import multihost_utils
 from fmcejax import device_input, parallel
 parallel.initialize_distributed()
+mesh = parallel.make_mesh()
 n = 100
 ids = np.arange(n)
 arrays = {"image": np.broadcast_to((ids % 256)[:, None, None, None], (n, 8, 8, 3)).astype(np.uint8),
           "label": (ids % 10).astype(np.int32)}
-data = device_input.train_batches(arrays, global_batch=16, epochs=2, seed=3,
-                                  mesh=parallel.make_mesh(), augment=True)
+data = device_input.train_batches(arrays, global_batch=16, epochs=2, seed=3, mesh=mesh,
+                                  augment=True)
 batches = [next(data.iterator(k)) for k in (0, 7)]
 got = multihost_utils.process_allgather(batches, tiled=True)
+
+def step(state, batch, rng, head_variables):  # a "step" that sums its batch over both hosts
+  total = batch["image"].sum(dtype="float32") + batch["label"].sum(dtype="float32")
+  return state + total, {"loss": total}
+
+scan = data.scan_steps(step, jax.random.PRNGKey(0))
+state, metrics = scan(parallel.replicate(np.zeros((), np.float32), mesh), 6, 3)
+sums = np.asarray(metrics["loss"].addressable_data(0))
 if jax.process_index() == 0:
-  np.savez(sys.argv[1], *[b[key] for b in got for key in ("image", "label")])
+  np.savez(sys.argv[1], *[b[key] for b in got for key in ("image", "label")], sums)
 """
 
 
 @pytest.mark.slow
 def test_two_processes_make_the_single_process_batches(tmp_path, mesh):
   """2 processes x 4 CPU devices (gloo): each device of each host gathers its rows; together
-  they are the one-process batch."""
+  they are the one-process batch, also inside several steps per dispatch."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -405,3 +414,6 @@ def test_two_processes_make_the_single_process_batches(tmp_path, mesh):
     want = _host(next(_batches(mesh, augment=True, arrays=arrays).iterator(k)))
     np.testing.assert_array_equal(got[f"arr_{2 * i}"], want["image"])
     np.testing.assert_array_equal(got[f"arr_{2 * i + 1}"], want["label"])
+  data = _batches(mesh, augment=True, arrays=arrays)
+  want = [sum(float(v.sum()) for v in _host(next(data.iterator(k))).values()) for k in (6, 7, 8)]
+  np.testing.assert_allclose(got["arr_4"], want)
