@@ -49,6 +49,8 @@ ARM_KEYS = (
   "n",
   "fmcs_per_epoch",
 )
+# Beside ARM_KEYS, a control arm whose real arm ran: that arm minus the control, seed by seed.
+CONTROL_KEY = "trained_minus_control"
 OUTPUTS = ("study.json", "study.md", "plot_study.png")
 
 
@@ -266,6 +268,7 @@ def build_study(
         "fmcs_per_epoch": fmcs_per_epoch([runs[s]["history"] for s in seeds]),
       }
     )
+  _compare_controls(records, seeds)
   return workdir.plain(
     {
       "dataset": dataset,
@@ -275,6 +278,21 @@ def build_study(
       "arms": records,
     }
   )
+
+
+def _compare_controls(records: list[dict[str, Any]], seeds: Sequence[int]) -> None:
+  """Adds `CONTROL_KEY` to each control arm whose trained arm (same alpha, module and RAL) ran:
+  the paired difference that says whether the head's convergence knowledge, not just a frozen
+  auxiliary head, moves accuracy."""
+  by_name = {r["name"]: r for r in records}
+  for record in records:
+    twin = by_name.get(arm_name("trained", record["module"], record["variant"], record["alpha"]))
+    if record["head"] == "trained" or twin is None:
+      continue
+    stats = arm_stats(dict(zip(seeds, record["accuracy"])), dict(zip(seeds, twin["accuracy"])))
+    record[CONTROL_KEY] = {"arm": twin["name"]} | {
+      k: stats[k] for k in ("gains_pp", "gain_pp_mean", "gain_pp_std", "ci95_pp", "ci_method", "n")
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +331,22 @@ def _markdown(study: Mapping) -> str:
       f"{arm['variant']} | {arm['n']} | {_pp(arm['gain_pp_mean'])} ± "
       f"{arm['gain_pp_std']:.2f} | {ci_text} | {gains} |"
     )
+  compared = [arm for arm in study["arms"] if CONTROL_KEY in arm]
+  if compared:
+    lines += [
+      "",
+      "Is it the convergence knowledge? The trained arm minus each control with the same alpha, "
+      "module and RAL, seed by seed (positive: the trained head does better):",
+      "",
+      "| control | trained arm | trained minus control (pp), mean ± std | 95% CI (pp) |",
+      "|---|---|---:|---|",
+    ]
+    for arm in compared:
+      d = arm[CONTROL_KEY]
+      ci = "n/a" if d["ci95_pp"] is None else f"[{_pp(d['ci95_pp'][0])}, {_pp(d['ci95_pp'][1])}]"
+      lines.append(
+        f"| {arm['name']} | {d['arm']} | {_pp(d['gain_pp_mean'])} ± {d['gain_pp_std']:.2f} | {ci} |"
+      )
   lines += ["", "![forest plot of the gains](plot_study.png)"]
   return "\n".join(lines) + "\n"
 

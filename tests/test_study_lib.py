@@ -4,6 +4,7 @@ import json
 import math
 
 import ml_collections
+import numpy as np
 import pytest
 
 from fmcejax import config_lib
@@ -205,10 +206,29 @@ def test_build_study_has_the_contract_keys_in_seed_order():
   assert study["baseline_accuracy"] == pytest.approx([0.70, 0.71, 0.72])
   assert [a["name"] for a in study["arms"]] == [a.name for a in arms]
   for record in study["arms"]:
-    assert list(record) == list(study_lib.ARM_KEYS)
+    extra = [study_lib.CONTROL_KEY] if record["head"] != "trained" else []
+    assert list(record) == list(study_lib.ARM_KEYS) + extra
     assert record["fmcs_per_epoch"] == pytest.approx([0.3, 0.6])
   first = study["arms"][0]
   assert first["gains_pp"] == pytest.approx([0.0, 0.2, 0.4])  # 0.002 * (0 + seed) x100
+
+
+def test_each_control_is_compared_with_its_trained_arm_seed_by_seed():
+  arms = _grid(alphas="0.1,0.3", modules="conv2,conv3", control_alpha="0.3", control_module="conv2")
+  study = _fake_study(arms)
+  records = {r["name"]: r for r in study["arms"]}
+  twin = records["trained_conv2_convex_a0.3"]
+  for head in ("shuffled", "random"):
+    control = records[f"{head}_conv2_convex_a0.3"]
+    d = control[study_lib.CONTROL_KEY]
+    want = [(t - c) * 100 for t, c in zip(twin["accuracy"], control["accuracy"])]
+    assert d["arm"] == twin["name"] and d["n"] == 3
+    assert d["gains_pp"] == pytest.approx(want) and d["gain_pp_mean"] == pytest.approx(
+      np.mean(want)
+    )
+  assert all(study_lib.CONTROL_KEY not in r for r in study["arms"] if r["head"] == "trained")
+  markdown = study_lib._markdown(study)
+  assert "| shuffled_conv2_convex_a0.3 | trained_conv2_convex_a0.3 |" in markdown
 
 
 def test_build_study_refuses_an_arm_missing_a_seed():
@@ -230,7 +250,7 @@ def test_write_study_files(tmp_path):
   written = json.loads((out / "study.json").read_text())
   assert written == json.loads(json.dumps(study))
   for record in written["arms"]:
-    assert set(record) == set(study_lib.ARM_KEYS)
+    assert set(record) - {study_lib.CONTROL_KEY} == set(study_lib.ARM_KEYS)
   markdown = (out / "study.md").read_text()
   for record in written["arms"]:
     assert f"| {record['name']} | {record['head']} | {record['module']} |" in markdown
