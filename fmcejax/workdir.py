@@ -30,6 +30,17 @@ from fmcejax import config_lib, parallel
 PathLike = str | os.PathLike
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+# Read once, at import, before any writer thread exists: a temp file is created 0600, and a
+# result file gets the mode any other file the user creates would (0644 under umask 022).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def path(value: PathLike) -> epath.Path:
   return epath.Path(value)
 
@@ -53,6 +64,7 @@ def open_atomic(p: PathLike, mode: str = "wb") -> Iterator[IO]:
     with os.fdopen(fd, mode) as f:
       yield f
       f.flush()
+      os.fchmod(f.fileno(), FILE_MODE)
       os.fsync(f.fileno())
     os.replace(tmp, os.fspath(p))
   except BaseException:

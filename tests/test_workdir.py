@@ -3,6 +3,7 @@ which etils.epath uses for gs:// paths): atomic writes, the lock, the config gua
 
 import json
 import logging
+import stat
 
 import fsspec
 import ml_collections
@@ -42,6 +43,14 @@ def test_atomic_write_json_replaces_nan(tmp_path):
   workdir.write_json(path, {"a": 1})
   assert json.loads(path.read_text()) == {"a": 1}
   assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_result_files_get_the_umask_mode_not_the_temp_files_0600(tmp_path):
+  """Reports in a shared workdir are readable as any file the user makes (0644 under 022)."""
+  path = tmp_path / "report.json"
+  workdir.write_json(path, {"a": 1})
+  (tmp_path / "plain").write_text("")
+  assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path):
