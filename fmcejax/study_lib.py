@@ -303,6 +303,10 @@ def _pp(x: float | None) -> str:
   return "n/a" if x is None else f"{x:+.2f}"
 
 
+def _ci_text(ci: Sequence[float] | None) -> str:
+  return "n/a" if ci is None else f"[{_pp(ci[0])}, {_pp(ci[1])}]"
+
+
 def _markdown(study: Mapping) -> str:
   base_mean, base_std = report.mean_std(study["baseline_accuracy"])
   per_seed = ", ".join(f"{100 * a:.2f}" for a in study["baseline_accuracy"])
@@ -323,13 +327,11 @@ def _markdown(study: Mapping) -> str:
     "|---|---|---|---:|---|---:|---:|---|---|",
   ]
   for arm in study["arms"]:
-    ci = arm["ci95_pp"]
-    ci_text = "n/a" if ci is None else f"[{_pp(ci[0])}, {_pp(ci[1])}]"
     gains = ", ".join(_pp(g) for g in arm["gains_pp"])
     lines.append(
       f"| {arm['name']} | {arm['head']} | {arm['module']} | {arm['alpha']:g} | "
       f"{arm['variant']} | {arm['n']} | {_pp(arm['gain_pp_mean'])} ± "
-      f"{arm['gain_pp_std']:.2f} | {ci_text} | {gains} |"
+      f"{arm['gain_pp_std']:.2f} | {_ci_text(arm['ci95_pp'])} | {gains} |"
     )
   compared = [arm for arm in study["arms"] if CONTROL_KEY in arm]
   if compared:
@@ -343,9 +345,9 @@ def _markdown(study: Mapping) -> str:
     ]
     for arm in compared:
       d = arm[CONTROL_KEY]
-      ci = "n/a" if d["ci95_pp"] is None else f"[{_pp(d['ci95_pp'][0])}, {_pp(d['ci95_pp'][1])}]"
       lines.append(
-        f"| {arm['name']} | {d['arm']} | {_pp(d['gain_pp_mean'])} ± {d['gain_pp_std']:.2f} | {ci} |"
+        f"| {arm['name']} | {d['arm']} | {_pp(d['gain_pp_mean'])} ± {d['gain_pp_std']:.2f} "
+        f"| {_ci_text(d['ci95_pp'])} |"
       )
   lines += ["", "![forest plot of the gains](plot_study.png)"]
   return "\n".join(lines) + "\n"
