@@ -175,11 +175,12 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
     "image": rng.integers(0, 256, (args.examples, *MNIST.image_shape), dtype=np.uint8),
     "label": rng.integers(0, MNIST.num_classes, args.examples).astype(np.int32),
   }
+  loops = _loops(args)
   runs: dict[tuple[int, str], list[dict[str, float]]] = {}
   step_ms: dict[int, list[float]] = {}
   for _ in range(args.rounds):
     for b in args.batch_sizes:
-      for name, path, k in _loops(args):
+      for name, path, k in loops:
         job = _job(args, arrays, b, path, mesh)
         runs.setdefault((b, name), []).append(_fit(job, mesh, name, k))
       step_ms.setdefault(b, []).append(_step_ms(job, mesh, arrays, args.step_repeats))
@@ -187,7 +188,7 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
   for b in args.batch_sizes:
     alone = statistics.median(step_ms[b])
     entry: dict[str, Any] = {"step_ms": alone}
-    for name, _, _ in _loops(args):
+    for name, _, _ in loops:
       rates = [r["images_per_second"] for r in runs[b, name]]
       ips = statistics.median(rates)
       ms = b / ips * 1e3
@@ -202,7 +203,7 @@ def measure_loop(args: argparse.Namespace, mesh: Mesh) -> dict[str, Any]:
         ),
         "steps": runs[b, name][0]["steps"],
       }
-    best = max((name for name, _, _ in _loops(args)), key=lambda n: entry[n]["images_per_second"])
+    best = max((name for name, _, _ in loops), key=lambda n: entry[n]["images_per_second"])
     entry["ceiling"] = {
       "loop": best,
       "images_per_second": entry[best]["images_per_second"],
