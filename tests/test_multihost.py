@@ -55,6 +55,21 @@ ACCURACY_ATOL = 1 / 256  # one of the 256 test images may flip between runs
 PARAM_TOL = 5e-3  # max |difference| / max |reference| per leaf: params, batch_stats
 MOMENTUM_TOL = 1e-1  # the same for the optimizer state
 
+# `python -m fmcejax.train` that sends itself SIGTERM as its training loop logs step argv[1]: a
+# preemption notice that reaches this host only, at a known step (an outside signal would race
+# the loop, and may land at an epoch boundary or after the last step).
+SIGTERM_AT_STEP = """
+import os, runpy, signal, sys
+from fmcejax import run_log
+at, train = int(sys.argv.pop(1)), run_log.RunLog.train
+def train_then_sigterm(self, step, scalars):
+  train(self, step, scalars)
+  if step == at:
+    os.kill(os.getpid(), signal.SIGTERM)
+run_log.RunLog.train = train_then_sigterm
+runpy.run_module("fmcejax.train", run_name="__main__", alter_sys=True)
+"""
+
 pytestmark = pytest.mark.slow
 
 
@@ -107,7 +122,10 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
 class Job:
   """The processes of one CLI job, each logging to its own file; killed as a group on failure."""
 
-  def __init__(self, args: list[str], logdir: Path, processes: int):
+  def __init__(
+    self, args: list[str], logdir: Path, processes: int, sigterm_at: dict[int, int] | None = None
+  ):
+    """`sigterm_at`: {process: step} where that process gets SIGTERM (`SIGTERM_AT_STEP`)."""
     self.logs = [logdir / f"process_{i}.log" for i in range(processes)]
     port = _free_port()
     self.procs = []
@@ -123,10 +141,12 @@ class Job:
           }
         )
         devices = 8 if processes == 1 else LOCAL_DEVICES
+        at = (sigterm_at or {}).get(i)
+        entry = ["-m", "fmcejax.train"] if at is None else ["-c", SIGTERM_AT_STEP, str(at)]
         with open(self.logs[i], "w") as log:
           self.procs.append(
             subprocess.Popen(
-              [sys.executable, "-m", "fmcejax.train", *args],
+              [sys.executable, *entry, *args],
               cwd=REPO,
               env=_env(devices, **extra),
               stdout=log,
@@ -284,27 +304,16 @@ def test_two_processes_match_one_and_a_rerun_is_a_no_op(tmp_path, mnist_tfds, re
 
 
 def test_sigterm_to_one_host_stops_all_and_resume_matches(tmp_path, mnist_tfds, reference):
-  """A preemption notice reaches each VM at its own moment; here only process 0 gets one."""
+  """A preemption notice reaches each VM at its own moment; here only process 0 gets one, as it
+  logs a step in the middle of epoch 2."""
   workdir = tmp_path / "w"
   (tmp_path / "logs").mkdir()
-  job = Job(_args(workdir, mnist_tfds), tmp_path / "logs", PROCESSES)
-  try:
-    deadline = time.monotonic() + TIMEOUT
-    while f"epoch 1/{EPOCHS}" not in job.output(0):
-      assert time.monotonic() < deadline and all(p.poll() is None for p in job.procs), job.output(
-        0
-      )[-3000:]
-      time.sleep(0.05)
-    job.procs[0].send_signal(signal.SIGTERM)
-  except BaseException:
-    job.kill()
-    raise
+  stop = STEPS_PER_EPOCH + 4
+  job = Job(_args(workdir, mnist_tfds), tmp_path / "logs", PROCESSES, sigterm_at={0: stop})
   outputs = job.wait()
   assert all("SIGTERM received" in o for o in outputs), outputs[1][-2000:]
   steps, _ = _checkpoint(workdir)
-  assert STEPS_PER_EPOCH < steps[-1] < STEPS_PER_EPOCH * EPOCHS, (
-    f"expected a mid-epoch-2 checkpoint, got steps {steps}"
-  )
+  assert steps == [STEPS_PER_EPOCH, stop], "every host stops at the step process 0 was told at"
   assert not (_run_dir(workdir) / "metrics.json").exists()
 
   outputs = _run(_args(workdir, mnist_tfds), tmp_path / "logs_resume", processes=PROCESSES)
