@@ -135,7 +135,8 @@ def _fit(job: trainer.Job, mesh: Mesh, loop: str, k: int) -> dict[str, float]:
 def _step_ms(
   job: trainer.Job, mesh: Mesh, arrays: dict[str, np.ndarray], steps_timed: int
 ) -> float:
-  """ms per step of the job's jitted step alone: back to back on one device batch, no syncs."""
+  """ms per step of the job's jitted step alone: back to back on one device batch, no syncs
+  beyond `parallel.Pacer`'s."""
   train_fn = trainer.jit_train_step(
     mesh,
     preprocess=job.preprocess,
@@ -149,9 +150,10 @@ def _step_ms(
   for _ in range(3):
     state, _ = train_fn(state, batch, rng, None)
   jax.block_until_ready(state)
-  start = time.perf_counter()
+  start, pace = time.perf_counter(), parallel.Pacer()
   for _ in range(steps_timed):
     state, metrics = train_fn(state, batch, rng, None)
+    pace(metrics)
   jax.block_until_ready((state, metrics))
   return (time.perf_counter() - start) / steps_timed * 1e3
 

@@ -33,6 +33,10 @@ def jit(fn: BatchFn, mesh: Mesh) -> BatchFn:
   )
 
 
+# The running sums: one program per batch, not one per leaf.
+_add = jax.jit(lambda total, out: jax.tree.map(jnp.add, total, out))
+
+
 def over_dataset(
   fn: BatchFn,
   variables: Any,
@@ -48,7 +52,7 @@ def over_dataset(
   they are concatenated along the batch axis in the order of `ds`, padding rows dropped.
   """
   count = jax.process_count()
-  total, outputs = None, []
+  total, outputs, pace = None, [], parallel.Pacer()
   for local in input_pipeline.padded_batches(
     ds, global_batch=global_batch, process_index=jax.process_index(), process_count=count
   ):
@@ -58,7 +62,8 @@ def over_dataset(
         jax.tree.map(lambda x: _dataset_order(np.asarray(x), count), jax.device_get(out))
       )
     else:
-      total = out if total is None else jax.tree.map(jnp.add, total, out)
+      total = out if total is None else _add(total, out)
+      pace(total)
   if not concat:
     return jax.device_get(total)
   return jax.tree.map(lambda *xs: np.concatenate(xs)[: len(ds)], *outputs)

@@ -7,6 +7,7 @@ devices compute what one device would on the same global batch.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -87,6 +88,32 @@ def _compiler_options(platform: str) -> dict[str, str] | None:
   except jax.errors.JaxRuntimeError:
     return None
   return CPU_COMPILER_OPTIONS
+
+
+# Dispatches a loop may have queued beyond those the devices finished (`Pacer`).
+MAX_IN_FLIGHT = 8
+
+
+class Pacer:
+  """Keeps a loop at most `depth` dispatches ahead of the devices: `pacer(out)` records a
+  dispatch by its output and waits for the one `depth` dispatches back.
+
+  JAX dispatch is asynchronous, so a loop that never syncs runs ahead without bound. XLA's CPU
+  client then deadlocks with several devices (e.g. 8 forced host devices on few cores): a
+  device's launch waits while that device has 32 programs queued, and it waits on a thread of
+  the pool sized to run one collective on every device, so the device left without a thread
+  never joins the all-reduce the others wait in. Eight dispatches of one or two programs stay
+  clear of that, and on GPU and TPU they hide the host's dispatch time just as well.
+  """
+
+  def __init__(self, depth: int = MAX_IN_FLIGHT):
+    self.depth = depth
+    self._queued: collections.deque[Any] = collections.deque()
+
+  def __call__(self, out: Any) -> None:
+    self._queued.append(out)
+    if len(self._queued) > self.depth:
+      jax.block_until_ready(self._queued.popleft())
 
 
 def sync(name: str) -> None:

@@ -160,10 +160,12 @@ def fit(
       _sigterm_handled(),
       _stepper(job, mesh, options, rng, state, head_variables, step) as (advance, k),
     ):
+      pace = parallel.Pacer()
       while step < total and not meter.progress["stopped_early"]:
         n = _dispatch_size(step, k, job.steps_per_epoch)
         state, metrics = advance(state, step, n)
         step += n
+        pace(metrics)
         meter.pending.append(metrics)
         log.advance(n)
         epoch_end = step % job.steps_per_epoch == 0

@@ -1,4 +1,4 @@
-"""`parallel.compiler_options`: XLA options per platform, and what they change in the program."""
+"""`parallel`: XLA options per platform and what they change in the program; `Pacer`."""
 
 import jax
 import jax.numpy as jnp
@@ -28,3 +28,23 @@ def test_cpu_options_keep_convolutions_out_of_ynnpack():
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_accelerators_keep_xla_defaults(platform):
   assert parallel._compiler_options(platform) is None
+
+
+def _slow_step(x):
+  """A few ms of work per dispatch, with an all-reduce, so that an unpaced host runs ahead."""
+  return jax.lax.fori_loop(0, 50, lambda _, y: jnp.tanh(y @ y.T) @ y + y.mean(), x)
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_pacer_keeps_a_loop_at_most_depth_dispatches_ahead(depth):
+  mesh = parallel.make_mesh()
+  sharding = parallel.batch_sharding(mesh)
+  step = jax.jit(_slow_step, in_shardings=sharding, out_shardings=sharding)
+  x = jax.device_put(jnp.ones((8 * 32, 32)) / 32, sharding)
+  jax.block_until_ready(step(x))  # compiled
+  pace, outs = parallel.Pacer(depth), []
+  for _ in range(3 * depth + 6):
+    x = step(x)
+    pace(x)
+    outs.append(x)
+    assert all(o.is_ready() for o in outs[:-depth]), "an older dispatch is still queued"
