@@ -79,6 +79,23 @@ def straight(tmp_path_factory):
   return result
 
 
+def test_fit_and_its_evaluations_pace_every_dispatch(tmp_path, monkeypatch):
+  """`parallel.Pacer` on every train dispatch and every eval batch: a loop that runs further
+  ahead of the devices can deadlock XLA's CPU client with several devices."""
+  paced = []
+
+  class Recording(parallel.Pacer):
+    def __call__(self, out):
+      paced.append("eval" if "correct" in out else "train")
+      assert self.depth == parallel.MAX_IN_FLIGHT
+      super().__call__(out)
+
+  monkeypatch.setattr(parallel, "Pacer", Recording)
+  result = _fit(_job(), tmp_path)
+  assert paced.count("train") == result["steps"] == 8
+  assert paced.count("eval") == 2 * 3  # each epoch: 40 test images in batches of 16
+
+
 class Crash(Exception):
   pass
 
