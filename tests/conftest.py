@@ -3,8 +3,9 @@
 import os
 import tempfile
 
-# 8 CPU devices in every test process. Their collectives wait for all 8 threads; on a loaded
-# 2-core machine a thread can be starved past XLA's 40 s default, which aborts the process.
+# 8 CPU devices in every test process. XLA aborts a process whose collective waits over 40 s.
+# The waits seen past that were a deadlock of unbounded run-ahead (fixed: `parallel.Pacer`); the
+# margin keeps a collective that is merely slow on a loaded 2-core machine from aborting a test.
 COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUT}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
