@@ -63,15 +63,22 @@ class Study:
     )
     return self.stages.frozen_head(arm.module, data, trained)
 
+  def monitor_head(self) -> tuple[Any, Any] | None:
+    """The first trained arm's head: the baselines report its FMCS per epoch (it is evaluated,
+    never trained through), so their curve sits beside the arms'. None without a trained arm."""
+    trained = [arm for arm in self.arms if arm.head == "trained"]
+    return self.head(trained[0]) if trained else None
+
   def run(self) -> dict[str, Any]:
     s = self.stages
     s.run(["probe", "cqi"])
+    monitor = self.monitor_head()
     baselines = {
       seed: s.backbone_run(
         self.root / "baseline" / f"seed_{seed}",
         seed=seed,
         role="baseline",
-        head=None,
+        head=monitor,
         train_with_head=False,
       )
       for seed in s.seeds
