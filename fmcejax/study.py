@@ -23,7 +23,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from fmcejax import config_lib, pipeline, study_lib, train
+from fmcejax import config_lib, pipeline, study_lib, study_report, train
 
 
 class Study:
@@ -102,7 +102,7 @@ class Study:
       dataset=s.config.dataset, backbone=s.config.backbone, baseline=baselines, arms=results
     )
     if jax.process_index() == 0:
-      study_lib.write_study(self.root, summary)
+      study_report.write_study(self.root, summary)
     return summary
 
 

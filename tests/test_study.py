@@ -104,6 +104,20 @@ def test_arms_pair_with_the_baseline_of_the_same_seed_and_the_ci_is_student_t(st
 
 
 @pytest.mark.slow
+def test_baselines_report_the_first_trained_heads_fmcs_without_training_through_it(study):
+  workdir, summary = study
+  histories = [
+    json.loads((workdir / "baseline" / f"seed_{s}" / "metrics.json").read_text())["history"]
+    for s in (0, 1)
+  ]
+  assert all(row["fmcs"] is not None and row["alpha"] == 0.0 for h in histories for row in h)
+  assert summary["baseline_fmcs_per_epoch"] == pytest.approx(
+    [np.mean([h[0]["fmcs"] for h in histories])]
+  )
+  assert (workdir / "plot_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
 def test_shared_work_runs_once_and_a_rerun_redoes_nothing(study, mnist_tfds):
   workdir, summary = study
   modules = Path(workdir) / "modules"

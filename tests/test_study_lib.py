@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmcejax import config_lib
-from fmcejax import study_lib
+from fmcejax import study_lib, study_report
 from fmcejax.configs import mnist_cnn
 
 MODULES = ("conv1", "conv2", "conv3")
@@ -201,13 +201,13 @@ def _fake_study(arms):
 def test_build_study_has_the_contract_keys_in_seed_order():
   arms = _grid(alphas="0.1,0.3", modules="conv2,conv3")
   study = _fake_study(arms)
-  assert list(study) == list(study_lib.STUDY_KEYS)
+  assert list(study) == [*study_lib.STUDY_KEYS[:-1], *study_lib.CURVE_KEYS, "arms"]
   assert study["seeds"] == [0, 1, 2]
   assert study["baseline_accuracy"] == pytest.approx([0.70, 0.71, 0.72])
   assert [a["name"] for a in study["arms"]] == [a.name for a in arms]
   for record in study["arms"]:
     extra = [study_lib.CONTROL_KEY] if record["head"] != "trained" else []
-    assert list(record) == list(study_lib.ARM_KEYS) + extra
+    assert list(record) == [*study_lib.ARM_KEYS, *study_lib.ARM_CURVE_KEYS, *extra]
     assert record["fmcs_per_epoch"] == pytest.approx([0.3, 0.6])
   first = study["arms"][0]
   assert first["gains_pp"] == pytest.approx([0.0, 0.2, 0.4])  # 0.002 * (0 + seed) x100
@@ -227,7 +227,7 @@ def test_each_control_is_compared_with_its_trained_arm_seed_by_seed():
       np.mean(want)
     )
   assert all(study_lib.CONTROL_KEY not in r for r in study["arms"] if r["head"] == "trained")
-  markdown = study_lib._markdown(study)
+  markdown = study_report._markdown(study)
   assert "| shuffled_conv2_convex_a0.3 | trained_conv2_convex_a0.3 |" in markdown
 
 
@@ -244,25 +244,40 @@ def test_build_study_refuses_an_arm_missing_a_seed():
 
 def test_write_study_files(tmp_path):
   study = _fake_study(_grid(alphas="0.1,0.3", modules="conv2,conv3", control_module="conv3"))
-  study_lib.write_study(tmp_path / "out", study)
+  study_report.write_study(tmp_path / "out", study)
   out = tmp_path / "out"
-  assert sorted(p.name for p in out.iterdir()) == sorted(study_lib.OUTPUTS)  # no temp files left
+  assert sorted(p.name for p in out.iterdir()) == sorted(study_report.OUTPUTS)  # no temp files left
   written = json.loads((out / "study.json").read_text())
   assert written == json.loads(json.dumps(study))
   for record in written["arms"]:
-    assert set(record) - {study_lib.CONTROL_KEY} == set(study_lib.ARM_KEYS)
+    assert set(record) - {study_lib.CONTROL_KEY} == {*study_lib.ARM_KEYS, *study_lib.ARM_CURVE_KEYS}
   markdown = (out / "study.md").read_text()
   for record in written["arms"]:
     assert f"| {record['name']} | {record['head']} | {record['module']} |" in markdown
   assert "71.00 ± 1.00 %" in markdown and "plot_study.png" in markdown
-  assert (out / "plot_study.png").read_bytes()[:8] == PNG_MAGIC
+  for plot in ("plot_study.png", "plot_curves.png"):
+    assert (out / plot).read_bytes()[:8] == PNG_MAGIC and plot in markdown
+
+
+def test_curves_are_the_per_epoch_means_of_the_baseline_and_each_arm(tmp_path):
+  study = _fake_study(_grid(controls=""))
+  assert study["baseline_accuracy_per_epoch"] == pytest.approx([0.71, 0.71])  # seeds 0, 1, 2
+  assert study["baseline_fmcs_per_epoch"] == pytest.approx([0.1, 0.2])
+  assert study["arms"][0]["accuracy_per_epoch"] == pytest.approx([0.712, 0.712])
+  fig = study_report.plot_curves(study, tmp_path / "plot_curves.png")
+  accuracy, fmcs = fig.axes
+  for ax, want in ((accuracy, [71.0, 71.0]), (fmcs, [0.1, 0.2])):
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["baseline", study["arms"][0]["name"]]
+    np.testing.assert_allclose(lines["baseline"].get_ydata(), want)
+    np.testing.assert_array_equal(lines["baseline"].get_xdata(), [1, 2])
 
 
 def test_write_study_refuses_missing_keys(tmp_path):
   study = _fake_study(_grid(controls=""))
   del study["arms"][0]["ci95_pp"]
   with pytest.raises(KeyError, match=r"arms\[0\].ci95_pp"):
-    study_lib.write_study(tmp_path, study)
+    study_report.write_study(tmp_path, study)
   assert not list(tmp_path.iterdir())
 
 
@@ -272,7 +287,7 @@ def test_forest_plot_groups_arms_by_module(tmp_path):
   arms = [arms[4], arms[0], arms[2], arms[1], arms[5], arms[3]]
   study = _fake_study(arms)
   study["arms"][0]["ci95_pp"] = None  # an n = 1 arm: a point without a bar
-  rows, groups = study_lib.forest_layout(study["arms"])
+  rows, groups = study_report.forest_layout(study["arms"])
   assert [m for m, _ in groups] == ["conv3", "conv2"]
   order = [a["module"] for _, a in rows]
   assert order == ["conv3"] * 4 + ["conv2"] * 2
@@ -281,7 +296,7 @@ def test_forest_plot_groups_arms_by_module(tmp_path):
   assert ys == sorted(ys, reverse=True) and len(set(ys)) == len(ys)
   label_y = dict(groups)
   assert label_y["conv3"] > ys[0] and ys[3] > label_y["conv2"] > ys[4]  # label heads its group
-  fig = study_lib.plot_study(study, tmp_path / "plot_study.png")
+  fig = study_report.plot_study(study, tmp_path / "plot_study.png")
   texts = [t.get_text() for t in fig.axes[0].texts]
   assert texts == ["module conv3", "module conv2"]
   ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
