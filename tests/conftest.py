@@ -14,7 +14,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fmcejax-test-jax-cache-")
 
+import importlib.abc  # noqa: E402
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -31,3 +35,35 @@ def mnist_tfds(tmp_path_factory) -> str:
   tfds_dir = str(tmp_path_factory.mktemp("tfds"))
   datasets.prepare("mnist", str(SHARED_DATA), tfds_dir, download=False)
   return tfds_dir
+
+
+class _TensorFlowStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """`import tensorflow` finds this stub, which records who imported it and then fails as an
+  absent TensorFlow would: code that imports TF wherever it is installed is caught here too."""
+
+  def __init__(self):
+    self.imports: list[str] = []
+
+  def find_spec(self, name, path=None, target=None):
+    if name.partition(".")[0] != "tensorflow":
+      return None
+    return importlib.util.spec_from_loader(name, self)
+
+  def create_module(self, spec):
+    return None
+
+  def exec_module(self, module):
+    self.imports.append(
+      f"import {module.__name__} from:\n{''.join(traceback.format_stack(limit=10))}"
+    )
+    raise ImportError(f"{module.__name__} is the tests' stub (tests.conftest.tensorflow_imports)")
+
+
+@pytest.fixture
+def tensorflow_imports(monkeypatch) -> list[str]:
+  """The stacks of every `import tensorflow` during the test (a stub is importable meanwhile)."""
+  for name in [n for n in sys.modules if n.partition(".")[0] == "tensorflow"]:
+    monkeypatch.delitem(sys.modules, name)
+  stub = _TensorFlowStub()
+  monkeypatch.setattr(sys, "meta_path", [stub, *sys.meta_path])
+  return stub.imports

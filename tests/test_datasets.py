@@ -643,6 +643,11 @@ def test_real_fashion_mnist_through_the_official_url_and_checksums(tmp_path, ser
   assert np.bincount(labels).tolist() == [1000] * 10
 
 
-def test_no_tensorflow_imported(downloads):
-  downloads("cifar100")
-  assert "tensorflow" not in sys.modules
+def test_no_tensorflow_imported(server, tmp_path, monkeypatch, tensorflow_imports):
+  """Download and prepare (and a local JPEG archive) while `import tensorflow` is watched."""
+  files, _ = official_files("cifar100", tmp_path / "made")
+  serve(monkeypatch, server, "cifar100", files)
+  datasets.prepare("cifar100", str(tmp_path / "empty"), str(tmp_path / "tfds"))
+  fake_data.write_fake_cifar_jpeg(tmp_path / archives.CIFAR10_JPEG_ARCHIVE, {"train": 1, "test": 1})
+  datasets.prepare("cifar10_jpeg", str(tmp_path), str(tmp_path / "tfds"))
+  assert not tensorflow_imports, tensorflow_imports[0]
