@@ -19,6 +19,7 @@ import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -67,3 +68,18 @@ def tensorflow_imports(monkeypatch) -> list[str]:
   stub = _TensorFlowStub()
   monkeypatch.setattr(sys, "meta_path", [stub, *sys.meta_path])
   return stub.imports
+
+
+# .ci/run sets CI=true and installs every optional tool; a test that needs one never hides
+# behind a skip there.
+IN_CI = os.environ.get("CI") == "true"
+TORCH_INSTALL = "a CPU wheel of torch, as README.md's Tests section says"
+
+
+def missing(what: str, install: str, *, module: bool = False) -> NoReturn:
+  """A test needs `what`, absent here: skipped (the reason says how to install it), or in CI
+  failed. `module`: called at a test module's top level."""
+  message = f"{what} is not installed ({install})"
+  if IN_CI:
+    pytest.fail(f"{message}; CI (CI=true) runs every test", pytrace=False)
+  pytest.skip(message, allow_module_level=module)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import TORCH_INSTALL, missing
 from fmcejax import bench, bench_jax, bench_loop, bench_torch, models, parallel, trainer
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -117,8 +118,9 @@ def test_xla_defaults_times_the_same_steps_without_our_compiler_options(capsys, 
   assert "/ XLA defaults, img/s: baseline" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
+  if not HAS_TORCH:
+    missing("torch", TORCH_INSTALL)
   import torch
 
   def broken(*args, **kwargs):
