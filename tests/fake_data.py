@@ -48,9 +48,9 @@ def ids_of(images: np.ndarray) -> np.ndarray:
 
 
 def write_fake_cifar_jpeg(path: pathlib.Path, per_class: dict[str, int]) -> dict[bytes, int]:
-  """A cifar10-jpeg.tar.gz of noise JPEGs; returns {decoded pixels: label}."""
+  """A cifar10-jpeg.tar.gz of noise JPEGs; returns {JPEG bytes: label}."""
   rng = np.random.default_rng(0)
-  pixels = {}
+  jpegs = {}
   with tarfile.open(path, "w:gz") as tar:
     for split, count in per_class.items():
       for label, name in enumerate(archives.CIFAR10_CLASSES):
@@ -63,8 +63,8 @@ def write_fake_cifar_jpeg(path: pathlib.Path, per_class: dict[str, int]) -> dict
           member = tarfile.TarInfo(f"{split}/{name}/{i:04d}.jpg")
           member.size = len(data)
           tar.addfile(member, io.BytesIO(data))
-          pixels[np.asarray(PIL.Image.open(io.BytesIO(data))).tobytes()] = label
-  return pixels
+          jpegs[data] = label
+  return jpegs
 
 
 def cifar_data(dataset: str, seed: int = 0):

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmcejax import bench, bench_jax, bench_loop, bench_torch, models, parallel
+from conftest import TORCH_INSTALL, missing
+from fmcejax import bench, bench_jax, bench_loop, bench_torch, models, parallel, trainer
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 TORCH = "eager" if HAS_TORCH else "none"
@@ -76,7 +77,15 @@ def test_bench_writes_the_json_it_prints(tmp_path, capsys):
   assert "RAL / baseline step time" in table and "torch_compile" not in table
 
 
-def test_xla_defaults_times_the_same_steps_without_our_compiler_options(capsys):
+def test_xla_defaults_times_the_same_steps_without_our_compiler_options(capsys, monkeypatch):
+  passed = []  # the compiler_options of every train step the benchmark compiles
+  jit_train_step = trainer.jit_train_step
+
+  def recording_jit_train_step(mesh, **kwargs):
+    passed.append(kwargs["compiler_options"])
+    return jit_train_step(mesh, **kwargs)
+
+  monkeypatch.setattr(trainer, "jit_train_step", recording_jit_train_step)
   result = bench.main(
     [
       "--backbone",
@@ -97,15 +106,21 @@ def test_xla_defaults_times_the_same_steps_without_our_compiler_options(capsys):
     ]
   )
   assert list(result["results"]) == ["jax", "jax_xla_defaults"]
-  assert result["config"]["xla_compiler_options"] == parallel.compiler_options(parallel.make_mesh())
+  options = parallel.compiler_options(parallel.make_mesh())
+  assert options is not None and result["config"]["xla_compiler_options"] == options
+  # Each variant once with XLA's defaults; every other step (the same variants, the loop
+  # benchmark's) with our options.
+  assert passed.count(None) == len(bench_jax.VARIANTS)
+  assert passed.count(options) == len(passed) - len(bench_jax.VARIANTS) >= len(bench_jax.VARIANTS)
   for variant in bench_jax.VARIANTS:
     ratio = result["ratios"][f"jax_over_jax_xla_defaults_{variant}"]["images_per_second"]
     assert _positive(ratio)
   assert "/ XLA defaults, img/s: baseline" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 def test_a_failing_torch_compile_is_recorded_not_raised(monkeypatch):
+  if not HAS_TORCH:
+    missing("torch", TORCH_INSTALL)
   import torch
 
   def broken(*args, **kwargs):

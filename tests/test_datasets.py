@@ -19,6 +19,7 @@ import tarfile
 import threading
 
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
@@ -207,11 +208,11 @@ def mnist(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
   root = tmp_path_factory.mktemp("cifar")
-  pixels = fake_data.write_fake_cifar_jpeg(
+  jpegs = fake_data.write_fake_cifar_jpeg(
     root / archives.CIFAR10_JPEG_ARCHIVE, {"train": 3, "test": 2}
   )
   tfds_dir = str(root / "tfds")
-  return datasets.prepare("cifar10_jpeg", str(root), tfds_dir), tfds_dir, pixels
+  return datasets.prepare("cifar10_jpeg", str(root), tfds_dir), tfds_dir, jpegs
 
 
 def test_prepare_info_and_idempotent(mnist, tmp_path, no_download):
@@ -227,7 +228,7 @@ def test_prepare_info_and_idempotent(mnist, tmp_path, no_download):
 
 
 def test_cifar10_jpeg_keeps_original_jpeg_bytes(cifar):
-  info, tfds_dir, pixels = cifar
+  info, tfds_dir, jpegs = cifar
   assert (info.num_train, info.num_test, info.image_shape, info.num_classes) == (
     30,
     20,
@@ -238,16 +239,28 @@ def test_cifar10_jpeg_keeps_original_jpeg_bytes(cifar):
   assert tfds.builder("cifar10_jpeg", data_dir=tfds_dir).info.features["label"].names == list(
     archives.CIFAR10_CLASSES
   )
-  loaded = {}
+  stored, loaded = {}, {}
   for split, n in (("train", 30), ("test", 20)):
+    raw = tfds.data_source(
+      "cifar10_jpeg",
+      split=split,
+      data_dir=tfds_dir,
+      download=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    stored.update((raw[i]["image"], int(raw[i]["label"])) for i in range(n))
     arrays = input_pipeline.load_arrays(
       info, split=split, indices=np.arange(n), tfds_data_dir=tfds_dir
     )
     loaded.update(
       (image.tobytes(), int(label)) for image, label in zip(arrays["image"], arrays["label"])
     )
-  # Same pixels as decoding the archive's JPEGs: a second (lossy) encode would change them.
-  assert loaded == pixels
+  # The archive's JPEG files, byte for byte (a re-encode, even a lossless one, differs), and
+  # the loader decodes them to their pixels.
+  assert stored == jpegs
+  assert loaded == {
+    np.asarray(PIL.Image.open(io.BytesIO(b))).tobytes(): y for b, y in jpegs.items()
+  }
 
 
 def test_fashion_mnist_from_search_list(tmp_path, monkeypatch, no_download):
@@ -643,6 +656,11 @@ def test_real_fashion_mnist_through_the_official_url_and_checksums(tmp_path, ser
   assert np.bincount(labels).tolist() == [1000] * 10
 
 
-def test_no_tensorflow_imported(downloads):
-  downloads("cifar100")
-  assert "tensorflow" not in sys.modules
+def test_no_tensorflow_imported(server, tmp_path, monkeypatch, tensorflow_imports):
+  """Download and prepare (and a local JPEG archive) while `import tensorflow` is watched."""
+  files, _ = official_files("cifar100", tmp_path / "made")
+  serve(monkeypatch, server, "cifar100", files)
+  datasets.prepare("cifar100", str(tmp_path / "empty"), str(tmp_path / "tfds"))
+  fake_data.write_fake_cifar_jpeg(tmp_path / archives.CIFAR10_JPEG_ARCHIVE, {"train": 1, "test": 1})
+  datasets.prepare("cifar10_jpeg", str(tmp_path), str(tmp_path / "tfds"))
+  assert not tensorflow_imports, tensorflow_imports[0]

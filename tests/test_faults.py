@@ -55,12 +55,12 @@ def _command(workdir, tfds_dir):
   ]
 
 
-def _start(workdir, tfds_dir):
+def _start(workdir, tfds_dir, log=subprocess.PIPE):
   return subprocess.Popen(
     _command(workdir, tfds_dir),
     cwd=REPO,
     stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
+    stderr=log,
     text=True,
     env={**os.environ, "PYTHONUNBUFFERED": "1"},
   )
@@ -70,8 +70,27 @@ def _steps(directory):
   return [p for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
 
 
-def _checkpoint_writing(directory):
-  return directory.exists() and any("tmp" in p.name for p in directory.iterdir())
+def _names(directory, event):
+  """The entries of `directory` whose name marks `event`."""
+  try:
+    return {n for n in os.listdir(directory) if event(n)}
+  except FileNotFoundError:
+    return set()
+
+
+def _stop_at_new(proc, directory, event, before, timeout=600):
+  """Stops `proc` (SIGSTOP) once `directory` holds an entry marking `event` that is not in
+  `before` (listed before `proc` started) and is still there once `proc` is stopped. False if
+  `proc` ends or the time runs out first."""
+  deadline = time.time() + timeout
+  while proc.poll() is None and time.time() < deadline:
+    if _names(directory, event) - before:
+      proc.send_signal(signal.SIGSTOP)
+      if _names(directory, event) - before:
+        return True
+      proc.send_signal(signal.SIGCONT)  # that entry went (a write was finalised): the next one
+    time.sleep(0.02)
+  return False
 
 
 @pytest.fixture(scope="module")
@@ -89,44 +108,43 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_report(
   tmp_path, mnist_tfds, uninterrupted
 ):
   w = tmp_path / "w"
+  # Each kill point is an entry that the killed run itself creates (not one a previous run
+  # left), seen while that run is alive; every one must land.
   kill_points = [
-    ("inside probe training", lambda: len(_steps(w / "probe" / "checkpoints")) >= 1),
-    (
-      "during a checkpoint write",
-      lambda: (
-        _checkpoint_writing(w / "probe" / "checkpoints") or (w / "probe" / "metrics.json").exists()
-      ),
-    ),
-    ("during fmcs_data extraction", lambda: (w / "fmcs_data").exists()),
-    ("during fmce_net", lambda: len(_steps(w / "fmce_net" / "run" / "checkpoints")) >= 1),
-    ("during baseline", lambda: len(_steps(w / "baseline" / "seed_0" / "checkpoints")) >= 1),
-    ("during fmcenetpp", lambda: len(_steps(w / "fmcenetpp" / "seed_0" / "checkpoints")) >= 1),
+    ("inside probe training", w / "probe" / "checkpoints", str.isdigit),
+    ("during a checkpoint write", w / "probe" / "checkpoints", lambda n: "checkpoint-tmp" in n),
+    ("during fmcs_data extraction", w, lambda n: n == "fmcs_data"),
+    ("during fmce_net", w / "fmce_net" / "run" / "checkpoints", str.isdigit),
+    ("during baseline", w / "baseline" / "seed_0" / "checkpoints", str.isdigit),
+    ("during fmcenetpp", w / "fmcenetpp" / "seed_0" / "checkpoints", str.isdigit),
   ]
-  killed = []
-  for name, ready in kill_points:
-    proc = _start(w, mnist_tfds)
-    deadline = time.time() + 600
-    while not ready() and proc.poll() is None and time.time() < deadline:
-      time.sleep(0.02)
-    if name == "inside probe training":
-      # While this run holds the workdir, a second run is refused with a clear message.
-      busy = subprocess.run(
-        _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=300
-      )
-      assert busy.returncode == 2 and "in use by pid" in busy.stderr, busy.stderr[-2000:]
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGKILL)
-      killed.append(name)
-    proc.wait(timeout=60)
-    assert proc.returncode in (0, -signal.SIGKILL), (name, proc.stderr.read()[-3000:])
-  assert len(killed) >= 4, f"too few kills landed: {killed}"
+  for i, (name, directory, event) in enumerate(kill_points):
+    before = _names(directory, event)
+    log = tmp_path / f"run_{i}.log"
+    with open(log, "w") as stderr:
+      proc = _start(w, mnist_tfds, stderr)
+    try:
+      landed = _stop_at_new(proc, directory, event, before)
+      if landed and i == 0:
+        # While this (stopped) run holds the workdir, a second run is refused with a clear message.
+        busy = subprocess.run(
+          _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        assert busy.returncode == 2 and "in use by pid" in busy.stderr, busy.stderr[-2000:]
+    finally:
+      proc.kill()  # SIGKILL, which also ends a stopped process
+      proc.wait(timeout=60)
+    assert landed, (
+      f"{name}: not reached, the run ended ({proc.returncode})\n{log.read_text()[-3000:]}"
+    )
+    assert proc.returncode == -signal.SIGKILL, (name, log.read_text()[-3000:])
   final = subprocess.run(
     _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=900
   )
   assert final.returncode == 0, final.stderr[-3000:]
   report = json.loads((w / "report.json").read_text())
   for key in RESULT_KEYS:
-    assert report[key] == uninterrupted[key], (key, killed)
+    assert report[key] == uninterrupted[key], key
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ tells which example it is, and a bright left stripe makes flips visible (tests/f
 import dataclasses
 import math
 import socket
-import sys
 import time
 
 import numpy as np
@@ -230,8 +229,17 @@ def test_subset_indices_and_load_arrays(mnist):
     ip.load_arrays(info, indices=np.array([N_TRAIN]), tfds_data_dir=tfds_dir)
 
 
-def test_no_tensorflow_imported(mnist):
-  assert "tensorflow" not in sys.modules
+def test_no_tensorflow_imported(tmp_path, tensorflow_imports):
+  """Prepare, load and iterate (augmented, with a worker) while `import tensorflow` is watched."""
+  info, tfds_dir = fake_data.prepare_fake_mnist(tmp_path)
+  ip.load_arrays(info, indices=np.arange(4), tfds_data_dir=tfds_dir)
+  ds = ip.train_dataset(
+    info, global_batch=8, epochs=1, seed=0, augment=True, tfds_data_dir=tfds_dir
+  )
+  iterator = ip.make_iterator(ds, workers=1)
+  next(iterator)
+  iterator.close()
+  assert not tensorflow_imports, tensorflow_imports[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing
 from fake_data import write_fake_cifar_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_bash_syntax(script):
 
 def test_shellcheck_is_clean():
   if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    missing("shellcheck", "apt-get install shellcheck")
   scripts = sorted(str(p.relative_to(REPO)) for p in LAUNCH.glob("*.sh"))
   result = subprocess.run(
     ["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=120

@@ -228,6 +228,24 @@ def _checkpoint(workdir: Path):
     manager.close()
 
 
+def _evaluate_saved_head(workdir: Path) -> dict:
+  """The FMCE-Net that `workdir`'s fmce_net stage saved, loaded here and evaluated on the
+  held-out FMCS-Dataset as that stage evaluated it."""
+  import jax.numpy as jnp
+  from etils import epath
+
+  from fmcejax import fmce_net, fmcs_data, parallel
+  from fmcejax.configs import default
+
+  config = default.get_config()  # the head's width and depth: the job's defaults
+  data, mesh = epath.Path(workdir / "fmcs_data"), parallel.make_mesh()
+  head, variables = fmce_net.head(
+    config, data, epath.Path(workdir / "fmce_net"), "", jnp.float32, mesh
+  )
+  holdout = fmcs_data.dataset(data, "holdout")
+  return fmce_net.evaluate(head.model, variables, holdout, mesh, config.fmce_net.batch_size)
+
+
 def _assert_same_results(got: dict, want: dict) -> None:
   assert got["epochs"] == want["epochs"] == EPOCHS and got["steps"] == want["steps"]
   assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=ACCURACY_ATOL)
@@ -343,9 +361,15 @@ def test_pipeline_stages_across_processes_then_finished_by_one(tmp_path, mnist_t
   assert snapshots == cqi["markers"], "the CQI stage prunes non-marker snapshots"
   for phase in range(5):
     assert np.load(workdir / "fmcs_data" / f"phase_{phase}.npy").shape[0] == 256
-  assert json.loads((workdir / "fmce_net" / "metrics.json").read_text())["phase_accuracy"] > 0.2
+  # The FMCE-Net head saved by two processes (devices 0-3 of each) loads in this one (8 devices)
+  # as the head they trained: the same held-out evaluation as theirs.
+  saved = json.loads((workdir / "fmce_net" / "metrics.json").read_text())
+  loaded = _evaluate_saved_head(workdir)
+  assert loaded["confusion"] == saved["confusion"]
+  for key in ("fmcs_mae", "phase_probability"):
+    assert loaded[key] == pytest.approx(saved[key], rel=1e-5), key
 
-  # The FMCE-Net head saved by two processes (devices 0-3 of each) loads in one process.
+  # ...and the one-process CLI trains with it.
   second = _args(workdir, mnist_tfds, "baseline,fmcenetpp,report", 1, 512) + tiny
   outputs = _run(second, tmp_path / "logs_one", processes=1)
   assert "fmcejax: done" in outputs[0]

@@ -16,9 +16,13 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import TORCH_INSTALL, missing
 from fmcejax import models, steps
 
-torch = pytest.importorskip("torch")
+try:
+  import torch
+except ImportError:
+  missing("torch", TORCH_INSTALL, module=True)
 from fmcejax import torch_ref  # noqa: E402  (needs torch)
 
 MNIST, CIFAR = (28, 28, 1), (32, 32, 3)

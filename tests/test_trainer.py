@@ -120,7 +120,7 @@ def test_crash_mid_epoch_resumes_from_the_step_checkpoint(tmp_path, straight):
       raise Crash
     return batch
 
-  with pytest.raises(Exception):
+  with pytest.raises(Crash):
     _fit(_job(train_map=fail_once_at_batch_6), tmp_path, checkpoint_every_steps=2)
   steps_saved = sorted(
     int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
@@ -199,7 +199,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, stra
       raise Crash
     return batch
 
-  with pytest.raises(Exception):
+  with pytest.raises(Crash):
     _fit(_job(train_map=crash_at_step_7), tmp_path, checkpoint_every_steps=2)
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved[-1] == 6
