@@ -35,7 +35,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from fmcejax import bench_jax, bench_torch, input_pipeline, models, parallel, steps
+from fmcejax import bench_jax, bench_torch, cli, input_pipeline, models, parallel, steps
 
 TORCH_MODES = {
   "none": (),
@@ -335,10 +335,15 @@ def _counts(text: str) -> list[int]:
   return counts
 
 
+EXAMPLES = (
+  "python -m fmcejax.bench  # the cnn at batch 128, JAX and torch, float32",
+  "python -m fmcejax.bench --backbone resnet18 --rounds 3 --json resnet18.json",
+  "python -m fmcejax.bench --backbone resnet50 --dtype bfloat16 --batch_size 512 --input_workers 0,4,8",
+)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m fmcejax.bench", description=__doc__.split("\n")[0]
-  )
+  parser = cli.argument_parser("fmcejax.bench", __doc__, EXAMPLES)
   parser.add_argument("--backbone", default="cnn", choices=models.BACKBONES)
   parser.add_argument("--batch_size", type=int, default=128, help="global batch")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -389,7 +394,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help="peak dense TFLOP/s per device for MFU (default: known GPUs only)",
   )
   parser.add_argument("--json", default="", help="where to write the JSON result")
-  args = parser.parse_args(argv)
+  args = cli.parse_args(parser, argv)
   if len(args.image_shape) != 3:
     parser.error(f"--image_shape must be H,W,C, got {args.image_shape}")
   if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:

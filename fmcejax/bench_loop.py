@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from fmcejax import (
   bench,
   bench_jax,
+  cli,
   cpu_lowering,
   datasets,
   device_input,
@@ -339,10 +340,15 @@ def _ints(text: str) -> list[int]:
   return [int(v) for v in text.split(",") if v]
 
 
+EXAMPLES = (
+  "python -m fmcejax.bench_loop  # every input path, batch 128 and 512",
+  "python -m fmcejax.bench_loop --rounds 3 --json loop.json",
+  "python -m fmcejax.bench_loop --inputs device --steps_per_dispatch 1,8,32 --peak_device H100",
+)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m fmcejax.bench_loop", description=__doc__.split("\n")[0]
-  )
+  parser = cli.argument_parser("fmcejax.bench_loop", __doc__, EXAMPLES)
   parser.add_argument(
     "--backbone",
     default="linear",
@@ -383,7 +389,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--goal_backbone", default="resnet18")
   parser.add_argument("--goal_factor", type=float, default=3.0)
   parser.add_argument("--json", default="")
-  args = parser.parse_args(argv)
+  args = cli.parse_args(parser, argv)
   if set(args.inputs) - set(INPUTS) or not args.inputs:
     parser.error(f"--inputs takes a comma list of {', '.join(INPUTS)}")
   if not args.batch_sizes or min(args.batch_sizes) < 1 or args.rounds < 1 or args.epochs < 1:

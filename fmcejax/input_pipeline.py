@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 from collections.abc import Callable, Iterator
 
 import grain
@@ -276,5 +277,14 @@ def make_iterator(
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: notebooks, tests, bench
       flags.FLAGS.mark_as_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    iter_ds = iter_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=ignore_ctrl_c
+    )
   return iter(iter_ds)
+
+
+def ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: a terminal's Ctrl-C reaches its whole process group, and is the main
+  process's to handle (a checkpoint, then it closes the workers); a worker would die of it."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)

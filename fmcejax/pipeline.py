@@ -375,7 +375,7 @@ class Pipeline:
     for stage in stages:
       if parallel.any_process(trainer.PREEMPTED.is_set()):  # all stop, or none
         raise trainer.Preempted(
-          f"SIGTERM received before stage {stage}; finished stages are "
+          f"{trainer.preemption_signal()} received before stage {stage}; finished stages are "
           "saved. Re-run the same command to resume."
         )
       if self.done(stage):

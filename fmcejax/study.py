@@ -9,21 +9,24 @@ untrained). Each arm runs once per seed, paired with the baseline of the same se
 order and schedule). Work that does not depend on an arm runs once, through the train pipeline's
 own building blocks: the probe and CQI; one FMCS-Dataset and FMCE-Net per module; one baseline
 per seed. Re-running the same command resumes; a finished run is never redone. Writes
-`study.json`, `study.md` and `plot_study.png` (`study_lib`).
+`study.json`, `study.md`, `plot_study.png` and `plot_curves.png` (`study_report`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
+import ml_collections
 from absl import flags
-from etils import epath
-from ml_collections import config_flags
 
-from fmcejax import config_lib, pipeline, study_lib, study_report, train
+from fmcejax import cli, config_lib, train
+
+if TYPE_CHECKING:  # imported when the study runs, not for --help and typos (`train.execute`)
+  from etils import epath
+
+  from fmcejax import pipeline, study_lib
 
 
 class Study:
@@ -70,6 +73,10 @@ class Study:
     return self.head(trained[0]) if trained else None
 
   def run(self) -> dict[str, Any]:
+    import jax
+
+    from fmcejax import study_lib, study_report
+
     s = self.stages
     s.run(["probe", "cqi"])
     monitor = self.monitor_head()
@@ -106,23 +113,56 @@ class Study:
     return summary
 
 
+def study_config() -> ml_collections.ConfigDict:
+  """The grid, set with `--study.FIELD=VALUE`. Every field is a string (comma lists), so the
+  command line spells them all the same way and "" can mean "the default"."""
+  s = ml_collections.ConfigDict()
+  s.alphas = "0.1"  # comma list of RAL weights, each in [0, 1]
+  s.modules = ""  # comma list of backbone stages; "" = the config's module
+  s.variants = "convex"  # comma list of convex | additive | regression (study_lib.RAL_FIELDS)
+  s.controls = "shuffled,random"  # comma list of shuffled | random, or "" for none
+  s.control_alpha = ""  # the controls' alpha, one of `alphas`; "" = the first alpha
+  s.control_module = ""  # the controls' module, one of `modules`; "" = the first one
+  return s
+
+
+STUDY = cli.Command(
+  module="fmcejax.study",
+  summary=__doc__.splitlines()[0],
+  usage="[--config NAME_OR_FILE] [--workdir DIR] [--study.FIELD=VALUE ...] "
+  "[--config.FIELD=VALUE ...]",
+  examples=(
+    "python -m fmcejax.study --workdir=studies/mnist  # alpha 0.1 and both controls, 3 seeds",
+    "python -m fmcejax.study --config=fashion_mnist_cnn --workdir=studies/fashion "
+    "--config.seeds=5 --study.alphas=0.03,0.1,0.3 --study.modules=conv2,conv3 --study.controls=",
+    "python -m fmcejax.study --config=fashion_mnist_cnn --workdir=studies/fashion "
+    "--config.seeds=5 --study.alphas=0.03,0.1,0.3 --study.modules=conv2,conv3 "
+    "--study.control_alpha=0.03 --study.control_module=conv2",
+  ),
+  define=train.define_workdir,
+  dicts=(
+    cli.ConfigDictFlag(
+      "study", study_config, "fmcejax.study:study_config", "the study's grid (below)"
+    ),
+  ),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv if argv is None else argv
-  define = lambda: config_flags.DEFINE_config_dict(  # noqa: E731
-    "study",
-    study_lib.study_config(),
-    "The study's grid (`study_lib.study_config`).",
-    lock_config=True,
-  )
   try:
-    config, path = train.parse_flags(argv, define)
+    config = cli.parse(STUDY, argv)
+    from fmcejax import study_lib  # jax: only once the command line parsed
+
     names = config_lib.module_names(config)
     arms = study_lib.expand_grid(
       flags.FLAGS.study, default_module=config.module or names[-1], module_names=names
     )
-  except (train.CommandLineError, config_lib.ConfigError) as e:
-    return train.fail(str(e))
-  return train.execute(config, path, lambda stages: Study(stages, arms).run, "study.md")
+  except (cli.CommandLineError, config_lib.ConfigError) as e:
+    return cli.fail(str(e))
+  return train.execute(
+    config, flags.FLAGS.workdir, lambda stages: Study(stages, arms).run, "study.md"
+  )
 
 
 if __name__ == "__main__":

@@ -54,19 +54,6 @@ ARM_CURVE_KEYS = ("accuracy_per_epoch",)
 CONTROL_KEY = "trained_minus_control"
 
 
-def study_config() -> ml_collections.ConfigDict:
-  """The grid, set with `--study.FIELD=VALUE`. Every field is a string (comma lists), so the
-  command line spells them all the same way and "" can mean "the default"."""
-  s = ml_collections.ConfigDict()
-  s.alphas = "0.1"  # comma list of RAL weights, each in [0, 1]
-  s.modules = ""  # comma list of backbone stages; "" = the config's module
-  s.variants = "convex"  # comma list of convex | additive | regression (RAL_FIELDS)
-  s.controls = "shuffled,random"  # comma list of shuffled | random, or "" for none
-  s.control_alpha = ""  # the controls' alpha, one of `alphas`; "" = the first alpha
-  s.control_module = ""  # the controls' module, one of `modules`; "" = the first one
-  return s
-
-
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One FMCE-Net++ configuration of the grid, run once per seed against that seed's baseline."""

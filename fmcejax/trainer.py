@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -31,7 +32,7 @@ from fmcejax import checkpointing, evaluation, parallel, run_log, steps
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint of the current step was written before raising."""
+  """SIGTERM or Ctrl-C arrived; a checkpoint of the current step was written before raising."""
 
 
 class NonFiniteError(RuntimeError):
@@ -87,12 +88,27 @@ class LoopOptions:
 EpochHook = Callable[[int, steps.TrainState, list[dict[str, Any]]], bool]
 
 PREEMPTED = threading.Event()
+_SIGNAL = {"name": "SIGTERM"}  # the last one received, for messages and the exit status
 
 
-def request_preemption(signum=None, frame=None) -> None:
-  """SIGTERM handler (TPU/GCE preemption notice): the loop checkpoints at its next step."""
-  del signum, frame
+def request_preemption(signum: int = signal.SIGTERM, frame: Any = None) -> None:
+  """SIGTERM (TPU/GCE preemption notice) and Ctrl-C handler: the loop checkpoints at its next
+  step. A first Ctrl-C restores SIGINT's default action, so a second one stops at once."""
+  del frame
+  _SIGNAL["name"] = signal.Signals(signum).name
+  if signum == signal.SIGINT:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.write(  # a signal handler may interrupt a print: one raw write
+      2,
+      b"fmcejax: Ctrl-C: stopping with a checkpoint at the next step; "
+      b"Ctrl-C again stops at once, losing the work since the last checkpoint\n",
+    )
   PREEMPTED.set()
+
+
+def preemption_signal() -> str:
+  """The name of the last signal that requested preemption (SIGTERM if none did)."""
+  return _SIGNAL["name"]
 
 
 @contextlib.contextmanager
@@ -191,7 +207,7 @@ def fit(
           manager.wait_until_finished()
           PREEMPTED.clear()  # handled: this process may train again (notebooks, tests)
           raise Preempted(
-            f"{options.description}: SIGTERM received; checkpoint written at "
+            f"{options.description}: {preemption_signal()} received; checkpoint written at "
             f"step {step}. Re-run the same command to resume."
           )
   finally:

@@ -78,9 +78,9 @@ def test_seeds_accept_a_count_or_a_list():
 
 
 def test_the_shipped_configs_are_the_files_in_configs():
-  from fmcejax import train
+  from fmcejax import cli
 
-  shipped = train.shipped_configs()
+  shipped = cli.shipped_configs()
   assert set(shipped) == {p.stem for p in CONFIGS}
   assert _load(Path(shipped["cifar10_resnet50"])).backbone == "resnet50"
 

@@ -55,6 +55,11 @@ def _command(workdir, tfds_dir):
   ]
 
 
+def _default_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)  # as in a terminal; a non-interactive parent may
+  # have started this process with SIGINT ignored, which the child would inherit
+
+
 def _start(workdir, tfds_dir, log=subprocess.PIPE):
   return subprocess.Popen(
     _command(workdir, tfds_dir),
@@ -63,6 +68,7 @@ def _start(workdir, tfds_dir, log=subprocess.PIPE):
     stderr=log,
     text=True,
     env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    preexec_fn=_default_sigint,
   )
 
 
@@ -166,3 +172,54 @@ def test_sigterm_exits_0_and_the_rerun_finishes(tmp_path, mnist_tfds, uninterrup
   report = json.loads((w / "report.json").read_text())
   for key in RESULT_KEYS:
     assert report[key] == uninterrupted[key], key
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_exits_130_and_the_rerun_gives_the_uninterrupted_report(
+  tmp_path, mnist_tfds, uninterrupted
+):
+  w = tmp_path / "w"
+  proc = _start(w, mnist_tfds)
+  deadline = time.time() + 600
+  while not _steps(w / "baseline" / "seed_0" / "checkpoints") and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+  assert "SIGINT received; checkpoint written" in stderr.strip().splitlines()[-1], stderr[-3000:]
+  final = subprocess.run(
+    _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=900
+  )
+  assert final.returncode == 0, final.stderr[-3000:]
+  report = json.loads((w / "report.json").read_text())
+  for key in RESULT_KEYS:
+    assert report[key] == uninterrupted[key], key
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback():
+  """After the first Ctrl-C asked for a checkpoint, SIGINT is at its default again: the second
+  one ends the process by the signal, whatever it is doing (here: sleeping, in Python)."""
+  child = (
+    "import os, signal, sys, time\n"
+    "from fmcejax import trainer\n"
+    "signal.signal(signal.SIGINT, trainer.request_preemption)\n"
+    "os.kill(os.getpid(), signal.SIGINT)\n"
+    "assert trainer.PREEMPTED.wait(10) and trainer.preemption_signal() == 'SIGINT'\n"
+    "print('first handled', flush=True)\n"
+    "time.sleep(120)\n"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", child],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=_default_sigint,
+  )
+  assert proc.stdout.readline() == "first handled\n", proc.stderr.read()
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=30)  # not the 120 s sleep: killed by the signal
+  assert proc.returncode == -signal.SIGINT, stderr
+  assert "Ctrl-C again stops at once" in stderr and "Traceback" not in stderr, stderr

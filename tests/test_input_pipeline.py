@@ -6,6 +6,9 @@ tells which example it is, and a bright left stripe makes flips visible (tests/f
 
 import dataclasses
 import math
+import multiprocessing
+import os
+import signal
 import socket
 import time
 
@@ -267,3 +270,22 @@ def test_real_mnist(tmp_path):
   seen = sum(len(b["label"]) for b in ip.make_iterator(ds))
   print(f"one epoch at batch 128: {seen / (time.perf_counter() - start):.0f} images/s")
   assert seen == 468 * 128
+
+
+def test_grain_workers_outlive_a_ctrl_c_to_the_process_group(mnist):
+  """A terminal's Ctrl-C reaches the grain workers too: they leave it to the main process (which
+  checkpoints and then closes them) and keep loading, so no batch is lost or changed."""
+  info, tfds_dir = mnist
+  expected = all_batches(train(info, tfds_dir, augment=True))
+  it = ip.make_iterator(train(info, tfds_dir, augment=True), workers=2)
+  got = [next(it)]
+  workers = multiprocessing.active_children()
+  assert len(workers) >= 2
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGINT)
+  time.sleep(1)
+  got += list(it)
+  it.close()
+  assert len(got) == len(expected)
+  for g, e in zip(got, expected):
+    np.testing.assert_array_equal(g["image"], e["image"])

@@ -198,6 +198,35 @@ def test_a_killed_study_resumes_to_the_same_study_json(tmp_path, mnist_tfds, stu
   assert json.loads((workdir / "study.json").read_text()) == summary
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_a_study_with_exit_130_and_it_resumes_to_the_same_study_json(
+  tmp_path, mnist_tfds, study
+):
+  _, summary = study
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen(
+    _command(workdir, mnist_tfds),
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+  )
+  checkpoints = workdir / "arms" / "trained_conv2_convex_a0.1" / "seed_0" / "checkpoints"
+  deadline = time.time() + 900
+  while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+  assert "SIGINT received; checkpoint written" in stderr.strip().splitlines()[-1], stderr[-3000:]
+  resumed = _run(workdir, mnist_tfds)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert json.loads((workdir / "study.json").read_text()) == summary
+
+
 @pytest.mark.parametrize(
   "override,field",
   [

@@ -9,6 +9,7 @@ import pytest
 
 from fmcejax import config_lib
 from fmcejax import study_lib, study_report
+from fmcejax.study import study_config
 from fmcejax.configs import mnist_cnn
 
 MODULES = ("conv1", "conv2", "conv3")
@@ -17,7 +18,7 @@ T_975_2 = 4.302652729911275  # Student t 0.975 quantile, 2 degrees of freedom (t
 
 
 def _study(**fields):
-  study = study_lib.study_config()
+  study = study_config()
   study.update(fields)
   return study
 
@@ -31,7 +32,7 @@ def _grid(**fields):
 
 
 def test_study_config_fields_are_strings_with_the_contract_defaults():
-  study = study_lib.study_config()
+  study = study_config()
   assert dict(study) == {
     "alphas": "0.1",
     "modules": "",
@@ -311,9 +312,7 @@ def test_study_config_takes_command_line_overrides():
   argv = ["prog", "--study.alphas=0.03,0.1,0.3", "--study.control_alpha=0.3", "--study.controls="]
   flag_values = flags.FlagValues()
   # config_flags registers the override flags from the argv it is given when defined.
-  config_flags.DEFINE_config_dict(
-    "study", study_lib.study_config(), flag_values=flag_values, sys_argv=argv
-  )
+  config_flags.DEFINE_config_dict("study", study_config(), flag_values=flag_values, sys_argv=argv)
   flag_values(argv)
   study = flag_values.study
   assert isinstance(study, ml_collections.ConfigDict)
