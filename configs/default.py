@@ -11,7 +11,18 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What to train, and where the data comes from.
-  c.dataset = "mnist"  # mnist | fashion_mnist | cifar10 | cifar10_jpeg | cifar100
+  # mnist | fashion_mnist | cifar10 | cifar10_jpeg | cifar100 (built in, found offline or
+  # downloaded) | any tfds image-classification dataset prepared in tfds_data_dir: NAME,
+  # NAME:VERSION, NAME/CONFIG | folder:PATH (PATH/train/<class>/*, PATH/test/<class>/* or val/)
+  c.dataset = "mnist"
+  # Of a tfds dataset or a folder (not the built-in five): splits in tfds syntax ("" = train, and
+  # test or else validation), the Image and ClassLabel features ("" = the only one of each), and
+  # the side images are resized to (0 = as stored; needed when their sizes vary).
+  c.train_split = ""
+  c.test_split = ""
+  c.image_key = ""
+  c.label_key = ""
+  c.image_size = 0
   c.backbone = "cnn"  # cnn | resnet18 | resnet50 | shufflenet_v2 | package.module:factory
   c.module = ""  # backbone stage the FMCE-Net reads; "" = the last one before pooling
   c.stages = "all"  # "all" or a comma list of probe,cqi,fmcs_data,fmce_net,baseline,...

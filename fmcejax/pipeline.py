@@ -47,13 +47,17 @@ class Pipeline:
     self.mesh = parallel.make_mesh()
     self.lowering = cpu_lowering.for_platform(parallel.platform(self.mesh))
     self.seeds = config_lib.parse_seeds(config.seeds)
-    self.module = config.module or config_lib.module_names(config)[-1]
     self.info = parallel.primary_first(
       "prepare",
       lambda: datasets.prepare(
-        config.dataset, config.data_dir, config.tfds_data_dir, config.download
+        config.dataset,
+        config.data_dir,
+        config.tfds_data_dir,
+        config.download,
+        datasets.Fields.from_config(config),
       ),
     )
+    self.module = config.module or config_lib.module_names(config, self.info)[-1]
     self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     self.loop = trainer.LoopOptions(
       log_every=config.log_every,
@@ -363,6 +367,7 @@ class Pipeline:
             "alpha": c.alpha,
             "seeds": self.seeds,
             "note": self.info.note,
+            "data": report.data_summary(self.info),
           },
         )
       )
