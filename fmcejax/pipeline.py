@@ -210,7 +210,7 @@ class Pipeline:
     """METHOD 3: feature maps of `module` for a fixed probe subset at every marker."""
     c, info = self.config, self.info
     markers = workdir.read_json(self.root / "probe" / "cqi.json")["markers"]
-    pool = c.probe.train_examples_limit or info.num_train
+    pool = input_pipeline.num_examples(info, "train", c.probe.train_examples_limit)
     indices = input_pipeline.subset_indices(pool, c.fmcs.subset_size, seed=self.seeds[0])
     images = input_pipeline.load_arrays(
       info, split="train", indices=indices, tfds_data_dir=c.tfds_data_dir
