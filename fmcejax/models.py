@@ -312,11 +312,9 @@ def create_backbone(
   `name` is one of `BACKBONES`, or `package.module:factory`: your own Flax backbone, from
   `factory(num_classes=num_classes, dtype=dtype)`. Its module is called as `model(x, train=...)`
   and returns `(logits, features)`, features a dict of [N, H, W, C] maps (see `feature_names`).
-  A factory that takes `rngs` builds an NNX module: it runs inside `nnx.bridge.to_linen`, so
-  its weights come from the run's seed and its state is Linen variables (`params`,
-  `batch_stats`) that the same pure step, shardings and checkpoints handle; `train` reaches
-  its BatchNorm and Dropout as call arguments. `lowering` applies to the built-in backbones
-  only. Raises ValueError naming `name` and what is accepted when it is neither.
+  A factory that takes `rngs` builds an NNX module inside `nnx.bridge.to_linen`: weights from
+  the run's seed, state as Linen variables (`params`, `batch_stats`) for the same pure step.
+  `lowering`: built-in backbones only. ValueError naming `name` when it is neither.
   """
   if name in _CONSTRUCTORS:
     return _CONSTRUCTORS[name](num_classes=num_classes, dtype=dtype, lowering=lowering)
