@@ -248,7 +248,7 @@ def check_available(
     return None
   if not is_builtin(dataset):
     b = tfds_any.builder(dataset, tfds_data_dir)
-    error = tfds_any.not_prepared(dataset, b, download)
+    error = tfds_any.not_prepared(dataset, b, tfds_data_dir, download)
     if error is not None:
       raise error
     return None if b.is_prepared() else DOWNLOAD

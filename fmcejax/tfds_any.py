@@ -65,18 +65,21 @@ def builder(name: str, tfds_data_dir: str) -> tfds.core.DatasetBuilder:
       "dataset",
       name,
       f"tfds finds no dataset {name!r}, in its catalogue or prepared under "
-      f"{tfds_data_dir or 'its default data dir'} ({type(e).__name__}: {e}).",
+      f"{tfds_data_dir or 'its default data dir'} ({type(e).__name__}: "
+      f"{str(e).splitlines()[0]}).",
       "mnist | fashion_mnist | cifar10 | cifar10_jpeg | cifar100 | a tfds image-classification "
       "dataset NAME, NAME:VERSION or NAME/CONFIG | folder:PATH",
     ) from None
 
 
-def not_prepared(name: str, b: tfds.core.DatasetBuilder, download: bool) -> DataError | None:
+def not_prepared(
+  name: str, b: tfds.core.DatasetBuilder, tfds_data_dir: str, download: bool
+) -> DataError | None:
   """None when `prepare` can go ahead: prepared, or tfds will prepare it (TensorFlow installed,
   downloads allowed); else the error naming the `tfds build` command and where to copy."""
   if b.is_prepared() or (download and importlib.util.find_spec("tensorflow") is not None):
     return None
-  root = epath.Path(b.data_dir).parent.parent
+  root = epath.Path(tfds_data_dir or tfds.core.constants.DATA_DIR).expanduser()
   return DataError(
     "dataset",
     name,
