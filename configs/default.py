@@ -15,14 +15,12 @@ def get_config() -> ml_collections.ConfigDict:
   # downloaded) | any tfds image-classification dataset prepared in tfds_data_dir: NAME,
   # NAME:VERSION, NAME/CONFIG | folder:PATH (PATH/train/<class>/*, PATH/test/<class>/* or val/)
   c.dataset = "mnist"
-  # Of a tfds dataset or a folder (not the built-in five): splits in tfds syntax ("" = train, and
-  # test or else validation), the Image and ClassLabel features ("" = the only one of each), and
-  # the side images are resized to (0 = as stored; needed when their sizes vary).
-  c.train_split = ""
-  c.test_split = ""
-  c.image_key = ""
-  c.label_key = ""
-  c.image_size = 0
+  # Of a tfds dataset or a folder only (not the built-in five):
+  c.train_split = ""  # tfds split syntax (e.g. train[:90%]); "" = train
+  c.test_split = ""  # "" = test, else validation
+  c.image_key = ""  # the Image feature; "" = the only one
+  c.label_key = ""  # the ClassLabel feature; "" = the only one
+  c.image_size = 0  # images resized to N x N; 0 = as stored (needed when their sizes vary)
   c.backbone = "cnn"  # cnn | resnet18 | resnet50 | shufflenet_v2 | package.module:factory
   c.module = ""  # backbone stage the FMCE-Net reads; "" = the last one before pooling
   c.stages = "all"  # "all" or a comma list of probe,cqi,fmcs_data,fmce_net,baseline,...

@@ -9,9 +9,10 @@ import chex
 import numpy as np
 import PIL.Image
 import pytest
+from etils import epath
 
 import fake_data
-from fmcejax import config_lib, datasets, folder_data, tfds_any, train
+from fmcejax import config_lib, datasets, folder_data, tfds_any, train, workdir
 from fmcejax import input_pipeline as ip
 from fmcejax.configs import default
 from test_cli import run_cli
@@ -234,3 +235,14 @@ def test_the_whole_pipeline_runs_on_a_folder_of_png_and_jpeg(tmp_path):
   report = json.loads((workdir / "report.json").read_text())
   assert report["dataset"] == f"folder:{root}" and report["data"]["num_classes"] == 3
   assert report["data"]["tfds_name"] == folder_data.tfds_name(f"folder:{root}")
+
+
+def test_a_workdir_made_before_the_data_fields_existed_still_resumes(tmp_path):
+  c = default.get_config()
+  old = {k: v for k, v in c.to_dict().items() if k not in config_lib.ADDED_FIELDS}
+  old = {k: v for k, v in old.items() if k not in config_lib.RUN_ONLY_FIELDS}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  workdir.check_config(c, epath.Path(tmp_path))  # the new fields at their defaults: the same
+  c.image_size = 32
+  with pytest.raises(config_lib.ConfigError, match="'image_size'"):
+    workdir.check_config(c, epath.Path(tmp_path))
