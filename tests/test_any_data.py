@@ -4,6 +4,8 @@ images (`folder:PATH`), through validation, preparation, the loaders and the who
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import chex
 import numpy as np
@@ -246,3 +248,29 @@ def test_a_workdir_made_before_the_data_fields_existed_still_resumes(tmp_path):
   c.image_size = 32
   with pytest.raises(config_lib.ConfigError, match="'image_size'"):
     workdir.check_config(c, epath.Path(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_study_runs_on_a_folder(tmp_path):
+  root = write_folder(tmp_path / "images")
+  workdir = tmp_path / "w"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fmcejax.study",
+      f"--workdir={workdir}",
+      f"--config.dataset=folder:{root}",
+      f"--config.tfds_data_dir={tmp_path / 'tfds'}",
+      "--study.alphas=0.1",
+      "--study.controls=",
+      *TINY,
+    ],
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  study = json.loads((workdir / "study.json").read_text())
+  assert study["dataset"] == f"folder:{root}" and len(study["arms"]) == 1
