@@ -330,7 +330,7 @@ def create_backbone(
   if not isinstance(model, nn.Module):
     nnx_hint = " (an NNX factory takes rngs, to build the module per seed)"
     raise ValueError(
-      f"backbone {name!r} returned {type(model).__name__}, not a Flax Linen module"
+      f"backbone {name!r} returned {type(model).__name__}, not a Flax module"
       f"{nnx_hint if isinstance(model, nnx.Module) else ''}; accepted: {_ACCEPTED}"
     )
   return model

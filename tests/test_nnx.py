@@ -45,6 +45,15 @@ def tiny_nnx(num_classes, dtype, rngs):
   return TinyNnx(num_classes, dtype, rngs)
 
 
+def nnx_without_rngs(num_classes, dtype):
+  return TinyNnx(num_classes, dtype, nnx.Rngs(0))
+
+
+def test_an_nnx_factory_without_rngs_is_refused_naming_rngs():
+  with pytest.raises(ValueError, match=r"returned TinyNnx.*an NNX factory takes rngs"):
+    models.create_backbone("test_nnx:nnx_without_rngs", 10)
+
+
 def test_an_nnx_backbone_is_built_per_seed_and_train_mode_reaches_bn_and_dropout():
   model = models.create_backbone("test_nnx:tiny_nnx", 10)
   assert models.feature_names("test_nnx:tiny_nnx", 10, (28, 28, 1)) == ("block0", "block1")
