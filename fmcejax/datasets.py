@@ -241,7 +241,8 @@ def check_available(
 
   Cheap (config validation runs it before anything compiles): it looks for files, never reads
   or downloads them. Returns None when the dataset is already prepared, the local archive
-  `prepare` will read, or DOWNLOAD when `prepare` will download it.
+  `prepare` will read, or DOWNLOAD when `prepare` will download it. A folder is listed (and
+  checked); another tfds dataset must be prepared, or TensorFlow there to prepare it.
   """
   if dataset.startswith(folder_data.PREFIX):
     folder_data.scan(dataset)
@@ -366,7 +367,8 @@ def describe(dataset: str, tfds_data_dir: str = "", fields: Fields = Fields()) -
     name = folder_data.tfds_name(dataset)
     if not folder_data.is_current(dataset, tfds_data_dir, scanned):
       d = folder_data.describe(dataset, scanned, fields.image_size)
-      return _from_described(dataset, name, d, (0.0,) * 3, (1.0,) * 3)
+      channels = d.image_shape[-1]
+      return _from_described(dataset, name, d, (0.0,) * channels, (1.0,) * channels)
     return _info(dataset, name, tfds_data_dir, fields, stats=False)
   check_available(dataset, "", tfds_data_dir, download=True)
   return _info(dataset, dataset, tfds_data_dir, fields, stats=False)
