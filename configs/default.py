@@ -11,7 +11,16 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What to train, and where the data comes from.
-  c.dataset = "mnist"  # mnist | fashion_mnist | cifar10 | cifar10_jpeg | cifar100
+  # mnist | fashion_mnist | cifar10 | cifar10_jpeg | cifar100 (built in, found offline or
+  # downloaded) | any tfds image-classification dataset prepared in tfds_data_dir: NAME,
+  # NAME:VERSION, NAME/CONFIG | folder:PATH (PATH/train/<class>/*, PATH/test/<class>/* or val/)
+  c.dataset = "mnist"
+  # Of a tfds dataset or a folder only (not the built-in five):
+  c.train_split = ""  # tfds split syntax (e.g. train[:90%]); "" = train
+  c.test_split = ""  # "" = test, else validation
+  c.image_key = ""  # the Image feature; "" = the only one
+  c.label_key = ""  # the ClassLabel feature; "" = the only one
+  c.image_size = 0  # images resized to N x N; 0 = as stored (needed when their sizes vary)
   c.backbone = "cnn"  # cnn | resnet18 | resnet50 | shufflenet_v2 | package.module:factory
   c.module = ""  # backbone stage the FMCE-Net reads; "" = the last one before pooling
   c.stages = "all"  # "all" or a comma list of probe,cqi,fmcs_data,fmce_net,baseline,...

@@ -58,7 +58,18 @@ INT_MINIMA = (
   ("fmce_net.depth", 1),
   ("fmce_net.epochs", 1),
   ("fmce_net.batch_size", 1),
+  ("image_size", 0),
 )
+# Of a tfds dataset or a folder only: the built-in five keep their defaults.
+DATA_FIELDS = ("train_split", "test_split", "image_key", "label_key", "image_size")
+# Fields added since workdirs were first made, with the value a saved config without them had.
+ADDED_FIELDS = {
+  "train_split": "",
+  "test_split": "",
+  "image_key": "",
+  "label_key": "",
+  "image_size": 0,
+}
 
 
 class ConfigError(ValueError):
@@ -170,10 +181,10 @@ def validate(
   `check_data` also checks that the dataset is prepared, in local archives or to be downloaded,
   without preparing or downloading it.
   """
-  from fmcejax import datasets  # local: keep `--help` and errors fast
-
-  _one_of(config, "dataset", datasets.DATASETS)
-  names = module_names(config)
+  for field, low in INT_MINIMA:
+    _int_at_least(config, field, low)
+  info = dataset_info(config)
+  names = module_names(config, info)
   if config.module and config.module not in names:
     raise ConfigError(
       "module",
@@ -199,8 +210,6 @@ def validate(
   _float_in(config, "weight_decay", 0.0, math.inf)
   _float_in(config, "momentum", 0.0, 1.0)
   _float_in(config, "warmup_epochs", 0.0, math.inf)
-  for field, low in INT_MINIMA:
-    _int_at_least(config, field, low)
   _float_in(config, "cqi.beta", 0.0, 1.0)
   _int_at_least(config, "cqi.window", 1)
   _float_in(config, "cqi.mu_rel", 0.0, 1.0, open_low=True)
@@ -217,19 +226,42 @@ def validate(
       )
     if value % process_count:
       raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
-  _check_sizes(config, datasets.DATASET_INFO[config.dataset].num_train)
-  _check_input_on_device(config)
+  if info.num_train:  # 0: a tfds dataset that tfds has yet to prepare
+    _check_sizes(config, info.num_train)
+  _check_input_on_device(config, info)
   if check_data:
     _check_data(config)
 
 
-def module_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+def dataset_info(config: ml_collections.ConfigDict):
+  """`config.dataset`'s `datasets.DatasetInfo` as far as known without preparing it or touching
+  a device (no channel statistics); a ConfigError naming the field when the dataset, its
+  features, splits or image sizes do not do."""
+  from fmcejax import datasets  # local: keep `--help` and errors fast
+
+  if datasets.is_builtin(config.dataset):
+    for field in DATA_FIELDS:
+      if config[field]:
+        raise ConfigError(
+          field,
+          config[field],
+          f'{0 if field == "image_size" else ""!r} (the default) for {config.dataset}',
+          "It applies to a tfds dataset or a folder, not to the five built-in datasets.",
+        )
+  try:
+    return datasets.describe(
+      config.dataset, config.tfds_data_dir, datasets.Fields.from_config(config)
+    )
+  except datasets.DataError as e:
+    raise ConfigError(e.field, e.value, e.accepted, e.why) from None
+
+
+def module_names(config: ml_collections.ConfigDict, info=None) -> tuple[str, ...]:
   """The feature maps `config.backbone` returns (the last is the default `module`); a backbone
   that is neither built in nor a working `package.module:factory` is a ConfigError."""
-  from fmcejax import datasets, models
+  from fmcejax import models
 
-  _one_of(config, "dataset", datasets.DATASETS)
-  info = datasets.DATASET_INFO[config.dataset]
+  info = info or dataset_info(config)
   try:
     return models.feature_names(config.backbone, info.num_classes, info.image_shape)
   except ValueError as e:
@@ -318,10 +350,10 @@ def _check_fmcs_sizes(config: ml_collections.ConfigDict, pool: int) -> None:
   )
 
 
-def _check_input_on_device(config: ml_collections.ConfigDict) -> None:
+def _check_input_on_device(config: ml_collections.ConfigDict, info) -> None:
   """input_on_device=on needs every backbone run's training split to fit on the devices;
   several steps per dispatch need the batches made on the devices."""
-  from fmcejax import datasets, device_input
+  from fmcejax import device_input
 
   if config.steps_per_dispatch > 1 and config.input_on_device == "off":
     raise ConfigError(
@@ -330,7 +362,6 @@ def _check_input_on_device(config: ml_collections.ConfigDict) -> None:
       '1 with input_on_device="off"',
       "Several steps per dispatch scan over batches held on the devices.",
     )
-  info = datasets.DATASET_INFO[config.dataset]
   for field in ("train_examples_limit", "probe.train_examples_limit"):
     limit = _get(config, field)
     if config.input_on_device == "on" and not device_input.fits_on_device(info, limit):

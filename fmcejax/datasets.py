@@ -12,6 +12,10 @@ so no result on it is mistaken for the official CIFAR-10. Archive formats: archi
 Lookup order of `prepare`: already prepared, then local archives, then a download through tfds's
 download manager (official URLs and checksums, its download dir `<tfds_data_dir>/downloads`, its
 cache and retries), unless `download=False`.
+
+Any other name is a tfds image-classification dataset prepared in `tfds_data_dir` (tfds_any.py),
+and `folder:PATH` a folder of images prepared there once (folder_data.py); their fields come
+from the builder's info, their channel statistics from the training split.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from urllib import parse
 
 import tensorflow_datasets as tfds
 
-from fmcejax import builders
+from fmcejax import builders, folder_data, tfds_any
 from fmcejax.archives import CIFAR10_JPEG_ARCHIVE, IDX_FILES, DataError
+from fmcejax.tfds_any import Fields
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar10_jpeg", "cifar100")
 DOWNLOADABLE = ("mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -57,6 +62,10 @@ class DatasetInfo:
   num_test: int
   augment: bool  # random crop (pad 4) + horizontal flip by default
   note: str = ""  # caveat to print next to any result measured on this data
+  train_split: str = "train"  # tfds split syntax
+  test_split: str = "test"
+  image_key: str = "image"
+  label_key: str = "label"
 
 
 # Canonical values; `prepare` replaces the counts by those of the prepared data.
@@ -110,7 +119,9 @@ def _check_name(dataset: str) -> None:
     raise DataError("dataset", dataset, f"Unknown dataset {dataset!r}.", ", ".join(DATASETS))
 
 
-def _roots(data_dir: str) -> list[pathlib.Path]:
+def search_roots(data_dir: str = "") -> list[pathlib.Path]:
+  """Where local archives are looked for: `data_dir`, or with it empty `$FMCEJAX_DATA_DIR`,
+  `./data`, `../shared/data` (relative to the working directory)."""
   if data_dir:
     roots = [data_dir]
   else:
@@ -121,7 +132,7 @@ def _roots(data_dir: str) -> list[pathlib.Path]:
 
 def _candidates(dataset: str, data_dir: str) -> list[pathlib.Path]:
   """Where the local source of `dataset` may be: a directory of IDX files or a tar.gz."""
-  roots = _roots(data_dir)
+  roots = search_roots(data_dir)
   if dataset == "cifar10_jpeg":
     return [root / CIFAR10_JPEG_ARCHIVE for root in roots]
   if dataset in CIFAR_ARCHIVES:
@@ -230,9 +241,18 @@ def check_available(
 
   Cheap (config validation runs it before anything compiles): it looks for files, never reads
   or downloads them. Returns None when the dataset is already prepared, the local archive
-  `prepare` will read, or DOWNLOAD when `prepare` will download it.
+  `prepare` will read, or DOWNLOAD when `prepare` will download it. A folder is listed (and
+  checked); another tfds dataset must be prepared, or TensorFlow there to prepare it.
   """
-  _check_name(dataset)
+  if dataset.startswith(folder_data.PREFIX):
+    folder_data.scan(dataset)
+    return None
+  if not is_builtin(dataset):
+    b = tfds_any.builder(dataset, tfds_data_dir)
+    error = tfds_any.not_prepared(dataset, b, tfds_data_dir, download)
+    if error is not None:
+      raise error
+    return None if b.is_prepared() else DOWNLOAD
   if is_prepared(dataset, tfds_data_dir):
     return None
   source = find_archives(dataset, data_dir)
@@ -244,9 +264,17 @@ def check_available(
 
 
 def prepare(
-  dataset: str, data_dir: str = "", tfds_data_dir: str = "", download: bool = True
+  dataset: str,
+  data_dir: str = "",
+  tfds_data_dir: str = "",
+  download: bool = True,
+  fields: Fields = Fields(),
 ) -> DatasetInfo:
   """Prepares `dataset` if needed (idempotent) and returns its info.
+
+  A folder (`folder:PATH`) is prepared unless prepared with its current fingerprint; another tfds
+  dataset must be prepared, or tfds prepares it where TensorFlow is installed. Their channel
+  statistics are computed once from the training split and stored beside the data.
 
   Already prepared at `<tfds_data_dir>/<name>/<version>`: used as it is. Else the first local
   archive (`find_archives`), else (mnist, fashion_mnist, cifar10, cifar100, unless `download` is
@@ -260,7 +288,15 @@ def prepare(
   host prepares its own copy. Should two processes still prepare the same directory at once,
   the one whose rename loses finds it prepared and carries on.
   """
+  if dataset.startswith(folder_data.PREFIX):
+    return _info(dataset, folder_data.prepare(dataset, tfds_data_dir), tfds_data_dir, fields)
   source = check_available(dataset, data_dir, tfds_data_dir, download)
+  if not is_builtin(dataset):
+    if source == DOWNLOAD:  # TensorFlow is installed: tfds prepares it as usual
+      tfds.builder(
+        dataset, data_dir=tfds_data_dir or None, file_format="array_record"
+      ).download_and_prepare()
+    return _info(dataset, dataset, tfds_data_dir, fields)
   if source is not None:
     local = source if isinstance(source, pathlib.Path) else None  # else DOWNLOAD
     builder = builders.BUILDERS[dataset](
@@ -281,3 +317,58 @@ def prepare(
     num_train=splits["train"].num_examples,
     num_test=splits["test"].num_examples,
   )
+
+
+def is_builtin(dataset: str) -> bool:
+  """One of the five datasets with offline archives (else a tfds dataset or a folder)."""
+  return dataset in DATASETS
+
+
+def _info(
+  dataset: str, name: str, tfds_data_dir: str, fields: Fields, stats: bool = True
+) -> DatasetInfo:
+  """The info of a prepared tfds dataset `name`; its channel statistics when `stats`, else
+  mean 0, std 1 (validation needs no statistics)."""
+  builder = tfds_any.builder(name, tfds_data_dir)
+  d = tfds_any.describe(dataset, builder, fields)
+  channels = d.image_shape[-1]
+  mean, std = (0.0,) * channels, (1.0,) * channels
+  if stats:
+    mean, std = tfds_any.channel_stats(name, d, builder.data_dir, tfds_data_dir)
+  return _from_described(dataset, name, d, mean, std)
+
+
+def _from_described(dataset, name, d: tfds_any.Described, mean, std) -> DatasetInfo:
+  return DatasetInfo(
+    name=dataset,
+    tfds_name=name,
+    num_classes=d.num_classes,
+    image_shape=d.image_shape,
+    mean=mean,
+    std=std,
+    num_train=d.num_train,
+    num_test=d.num_test,
+    augment=False,
+    train_split=d.train_split,
+    test_split=d.test_split,
+    image_key=d.image_key,
+    label_key=d.label_key,
+  )
+
+
+def describe(dataset: str, tfds_data_dir: str = "", fields: Fields = Fields()) -> DatasetInfo:
+  """What validation needs (classes, image shape, split sizes) without preparing anything or
+  touching a device: the canonical info of a built-in dataset, a tfds dataset's from its
+  builder, a folder's from its listing unless prepared as it is now. Statistics: `prepare`."""
+  if is_builtin(dataset):
+    return DATASET_INFO[dataset]
+  if dataset.startswith(folder_data.PREFIX):
+    scanned = folder_data.scan(dataset)
+    name = folder_data.tfds_name(dataset)
+    if not folder_data.is_current(dataset, tfds_data_dir, scanned):
+      d = folder_data.describe(dataset, scanned, fields.image_size)
+      channels = d.image_shape[-1]
+      return _from_described(dataset, name, d, (0.0,) * channels, (1.0,) * channels)
+    return _info(dataset, name, tfds_data_dir, fields, stats=False)
+  check_available(dataset, "", tfds_data_dir, download=True)
+  return _info(dataset, dataset, tfds_data_dir, fields, stats=False)

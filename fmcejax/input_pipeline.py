@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from jax.sharding import Mesh
 
-from fmcejax import parallel
+from fmcejax import parallel, tfds_any
 from fmcejax.datasets import DataError, DatasetInfo
 
 _CROP_PAD = 4
@@ -62,14 +62,16 @@ def _local_batch(global_batch: int, process_index: int, process_count: int) -> i
 
 
 def _stack(info: DatasetInfo, examples: list[dict]) -> dict[str, np.ndarray]:
-  """Decoded tfds examples as {"image": uint8 [N, H, W, C], "label": int32 [N]}."""
+  """Decoded tfds examples as {"image": uint8 [N, H, W, C], "label": int32 [N]}, each image at
+  `info.image_shape` (resized where it differs: datasets of varying image sizes)."""
+  shape = info.image_shape
   return {
     "image": (
-      np.stack([e["image"] for e in examples])
+      np.stack([tfds_any.fit_image(e[info.image_key], shape) for e in examples])
       if examples
-      else np.zeros((0, *info.image_shape), np.uint8)
+      else np.zeros((0, *shape), np.uint8)
     ),
-    "label": np.array([e["label"] for e in examples], np.int32),
+    "label": np.array([e[info.label_key] for e in examples], np.int32),
   }
 
 
@@ -92,7 +94,10 @@ class ArraySource:
 def _source(info: DatasetInfo, split: str, tfds_data_dir: str):
   """The prepared split as a tfds data source (array_record, decoded with PIL, no TensorFlow)."""
   source = tfds.data_source(
-    info.tfds_name, split=split, data_dir=tfds_data_dir or None, download=False
+    info.tfds_name,
+    split={"train": info.train_split, "test": info.test_split}[split],
+    data_dir=tfds_data_dir or None,
+    download=False,
   )
   if len(source) != num_examples(info, split):
     raise DataError(

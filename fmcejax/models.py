@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import nnx
 
 from fmcejax import cpu_lowering
 
@@ -297,7 +298,8 @@ _CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
 }
 _ACCEPTED = (
   f"one of {', '.join(BACKBONES)}, or 'package.module:factory' naming a function "
-  "factory(num_classes=..., dtype=...) that returns a Flax module called as "
+  "factory(num_classes=..., dtype=...) that returns a Flax Linen module, or "
+  "factory(num_classes=..., dtype=..., rngs=...) that returns a Flax NNX module, called as "
   "model(x, train=...) -> (logits, {name: feature map})"
 )
 
@@ -310,12 +312,15 @@ def create_backbone(
   `name` is one of `BACKBONES`, or `package.module:factory`: your own Flax backbone, from
   `factory(num_classes=num_classes, dtype=dtype)`. Its module is called as `model(x, train=...)`
   and returns `(logits, features)`, features a dict of [N, H, W, C] maps (see `feature_names`).
-  `lowering` applies to the built-in backbones only. Raises ValueError naming `name` and what is
-  accepted when it is neither.
+  A factory that takes `rngs` builds an NNX module inside `nnx.bridge.to_linen`: weights from
+  the run's seed, state as Linen variables (`params`, `batch_stats`) for the same pure step.
+  `lowering`: built-in backbones only. ValueError naming `name` when it is neither.
   """
   if name in _CONSTRUCTORS:
     return _CONSTRUCTORS[name](num_classes=num_classes, dtype=dtype, lowering=lowering)
   factory = _factory(name)
+  if _takes_rngs(factory):
+    return nnx.bridge.to_linen(factory, num_classes=num_classes, dtype=dtype)
   try:
     model = factory(num_classes=num_classes, dtype=dtype)
   except Exception as e:  # noqa: BLE001 - any failure of the user's factory is this error
@@ -323,10 +328,19 @@ def create_backbone(
       f"backbone {name!r}: the factory raised {type(e).__name__}: {e}; accepted: {_ACCEPTED}"
     ) from e
   if not isinstance(model, nn.Module):
+    nnx_hint = " (an NNX factory takes rngs, to build the module per seed)"
     raise ValueError(
-      f"backbone {name!r} returned {type(model).__name__}, not a Flax module; accepted: {_ACCEPTED}"
+      f"backbone {name!r} returned {type(model).__name__}, not a Flax module"
+      f"{nnx_hint if isinstance(model, nnx.Module) else ''}; accepted: {_ACCEPTED}"
     )
   return model
+
+
+def _takes_rngs(factory: Callable[..., Any]) -> bool:
+  try:
+    return "rngs" in inspect.signature(factory).parameters
+  except (TypeError, ValueError):  # no signature to inspect (some builtins)
+    return False
 
 
 def _factory(spec: str) -> Callable[..., Any]:
@@ -348,7 +362,8 @@ def _factory(spec: str) -> Callable[..., Any]:
       f"backbone {spec!r}: module {module_name!r} {what} {attribute!r}; accepted: {_ACCEPTED}"
     )
   try:
-    inspect.signature(factory).bind(num_classes=1, dtype=jnp.float32)
+    rngs = {"rngs": None} if _takes_rngs(factory) else {}
+    inspect.signature(factory).bind(num_classes=1, dtype=jnp.float32, **rngs)
   except TypeError as e:
     raise ValueError(
       f"backbone {spec!r}: {attribute}(num_classes=..., dtype=...) cannot be "
@@ -375,7 +390,7 @@ def feature_names(
   returned = []
 
   def forward(rng: jax.Array, x: jax.Array) -> Any:
-    variables = model.init(rng, x, train=False)
+    variables = model.init({"params": rng, "dropout": rng}, x, train=False)
     out = model.apply(variables, x, train=False)
     returned.append(out)  # the dict as returned, keys in the model's order
     return out

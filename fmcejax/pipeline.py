@@ -47,13 +47,17 @@ class Pipeline:
     self.mesh = parallel.make_mesh()
     self.lowering = cpu_lowering.for_platform(parallel.platform(self.mesh))
     self.seeds = config_lib.parse_seeds(config.seeds)
-    self.module = config.module or config_lib.module_names(config)[-1]
     self.info = parallel.primary_first(
       "prepare",
       lambda: datasets.prepare(
-        config.dataset, config.data_dir, config.tfds_data_dir, config.download
+        config.dataset,
+        config.data_dir,
+        config.tfds_data_dir,
+        config.download,
+        datasets.Fields.from_config(config),
       ),
     )
+    self.module = config.module or config_lib.module_names(config, self.info)[-1]
     self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     self.loop = trainer.LoopOptions(
       log_every=config.log_every,
@@ -206,7 +210,7 @@ class Pipeline:
     """METHOD 3: feature maps of `module` for a fixed probe subset at every marker."""
     c, info = self.config, self.info
     markers = workdir.read_json(self.root / "probe" / "cqi.json")["markers"]
-    pool = c.probe.train_examples_limit or info.num_train
+    pool = input_pipeline.num_examples(info, "train", c.probe.train_examples_limit)
     indices = input_pipeline.subset_indices(pool, c.fmcs.subset_size, seed=self.seeds[0])
     images = input_pipeline.load_arrays(
       info, split="train", indices=indices, tfds_data_dir=c.tfds_data_dir
@@ -363,6 +367,7 @@ class Pipeline:
             "alpha": c.alpha,
             "seeds": self.seeds,
             "note": self.info.note,
+            "data": report.data_summary(self.info),
           },
         )
       )

@@ -230,6 +230,22 @@ def _markdown(report: Mapping) -> str:
   return "\n".join(lines) + "\n"
 
 
+def data_summary(info) -> dict:
+  """What report.json says of the data (a `datasets.DatasetInfo`): where the numbers come from
+  and how the images were normalised."""
+  return {
+    "tfds_name": info.tfds_name,
+    "train_split": info.train_split,
+    "test_split": info.test_split,
+    "num_train": info.num_train,
+    "num_test": info.num_test,
+    "num_classes": info.num_classes,
+    "image_shape": list(info.image_shape),
+    "mean": list(info.mean),
+    "std": list(info.std),
+  }
+
+
 def write_report(root: epath.PathLike, config: Mapping) -> dict:
   """Build ``report.json``, ``report.md`` and the plots from the stage outputs in ``workdir``.
 
@@ -281,6 +297,8 @@ def write_report(root: epath.PathLike, config: Mapping) -> dict:
     "fmcs_mae": fmce_net["fmcs_mae"],
     "plots": list(PLOTS),
   }
+  if "data" in config:
+    report["data"] = config["data"]
   report = workdir.plain(report)  # ConfigDict alpha, numpy scalars -> plain JSON values
 
   _plot_cqi(cqi_json, root / "plot_cqi.png")

@@ -213,8 +213,14 @@ def alpha_schedule(alpha: float, kind: str, total_steps: int) -> optax.Schedule:
 def create_train_state(
   model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], rng: jax.Array
 ) -> TrainState:
-  """Initialises parameters (float32) and optimizer state; jit this with replicated outputs."""
-  variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  """Initialises parameters (float32) and optimizer state; jit this with replicated outputs.
+
+  The `params` stream is `rng` itself; a `dropout` stream is there too, since an NNX module
+  (`nnx.Dropout(rate, rngs=rngs)`) takes its stream when it is built, and Linen draws each
+  stream apart, so it changes no parameter.
+  """
+  rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
+  variables = model.init(rngs, jnp.zeros((1, *input_shape), jnp.float32), train=False)
   return TrainState.create(
     apply_fn=model.apply,
     params=variables["params"],

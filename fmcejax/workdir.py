@@ -126,7 +126,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
   p = workdir / "config.json"
   current = {k: v for k, v in config.to_dict().items() if k not in config_lib.RUN_ONLY_FIELDS}
   if parallel.agree(p.exists()):
-    saved = read_json(p)
+    added = {k: v for k, v in config_lib.ADDED_FIELDS.items() if k in current}
+    saved = {**added, **read_json(p)}  # made before those fields existed: their defaults
     diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != plain(current.get(k)))
     if diffs:
       raise config_lib.ConfigError(

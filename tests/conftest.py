@@ -16,21 +16,33 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import importlib.abc  # noqa: E402
 import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+from fmcejax import datasets  # noqa: E402
+
+
+def _real_data() -> tuple[object, str]:
+  """The data root that holds the real MNIST archives, found as the product finds them
+  ($FMCEJAX_DATA_DIR, ./data, ../shared/data), and the skip message when none does."""
+  found = datasets.find_archives("mnist", "")
+  searched = ", ".join(str(root / "mnist") for root in datasets.search_roots())
+  return (found.parent if found else None), f"real MNIST archives not found (searched {searched})"
+
+
+# The tests that need real data take it from here: `data_dir` for the CLI, and the skip.
+SHARED_DATA, NO_REAL_DATA = _real_data()
 
 
 @pytest.fixture(scope="session")
 def mnist_tfds(tmp_path_factory) -> str:
-  """Real MNIST (official archives in ../shared/data), prepared once per test session."""
-  if not (SHARED_DATA / "mnist").exists():
-    pytest.skip(f"real MNIST archives not found in {SHARED_DATA}")
+  """Real MNIST (the official archives where the product looks for them), prepared once per
+  test session."""
+  if SHARED_DATA is None:
+    pytest.skip(NO_REAL_DATA)
   from fmcejax import datasets
 
   tfds_dir = str(tmp_path_factory.mktemp("tfds"))

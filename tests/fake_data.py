@@ -170,3 +170,41 @@ def prepare_fake_mnist(root: pathlib.Path):
   write_fake_idx(root / "archives" / "mnist")
   tfds_dir = str(root / "tfds")
   return datasets.prepare("mnist", str(root / "archives"), tfds_dir, download=False), tfds_dir
+
+
+def write_fake_tfds(
+  tfds_dir: pathlib.Path,
+  name: str,
+  *,
+  sizes=((20, 20), (24, 28)),
+  counts=(("train", 48), ("test", 24)),
+  class_label: bool = True,
+) -> None:
+  """A tfds dataset under a name fmcejax does not know, prepared (array_record, no TensorFlow)
+  in `tfds_dir`: 3 classes, RGB images of `sizes` in turn, pixels brighter with the label."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import registered
+
+  label = tfds.features.ClassLabel(names=["a", "b", "c"]) if class_label else np.int64
+
+  with registered.skip_registration():
+
+    class Fake(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        features = {"image": tfds.features.Image(shape=(None, None, 3)), "label": label}
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+      def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, n) for split, n in counts}
+
+      def _generate_examples(self, split, n):
+        rng = np.random.default_rng(len(split))
+        for i in range(n):
+          h, w = sizes[i % len(sizes)]
+          image = rng.integers(0, 100, (h, w, 3)) + 70 * (i % 3)
+          yield i, {"image": PIL.Image.fromarray(image.astype(np.uint8)), "label": i % 3}
+
+  Fake.name = name
+  Fake(data_dir=str(tfds_dir), file_format="array_record").download_and_prepare()

@@ -641,7 +641,7 @@ def test_cli_failed_download_exits_2_naming_the_url(tmp_path, server):
 def test_real_fashion_mnist_through_the_official_url_and_checksums(tmp_path, server, monkeypatch):
   """Nothing patched but the network: tfds's own URL, answered through HTTP_PROXY with the
   official files, checked against tfds's registered checksums."""
-  if not (SHARED_DATA / "fashion_mnist").is_dir():
+  if SHARED_DATA is None or not (SHARED_DATA / "fashion_mnist").is_dir():
     pytest.skip(f"no real Fashion-MNIST at {SHARED_DATA}")
   base = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
   for path in (SHARED_DATA / "fashion_mnist").glob("*.gz"):

@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
-from conftest import SHARED_DATA
+from conftest import NO_REAL_DATA, SHARED_DATA
 import fake_data
 from fake_data import N_TEST, N_TRAIN, ids_of
 from fmcejax import datasets
@@ -251,8 +251,8 @@ def test_no_tensorflow_imported(tmp_path, tensorflow_imports):
 
 @pytest.mark.slow
 def test_real_mnist(tmp_path):
-  if not (SHARED_DATA / "mnist").is_dir():
-    pytest.skip(f"no real MNIST at {SHARED_DATA}")
+  if SHARED_DATA is None:
+    pytest.skip(NO_REAL_DATA)
   start = time.perf_counter()
   info = datasets.prepare("mnist", str(SHARED_DATA), str(tmp_path), download=False)
   print(f"prepared real MNIST in {time.perf_counter() - start:.1f}s")
