@@ -250,7 +250,8 @@ def _source(module: str) -> str:
 def documented_fields(where: str) -> list[tuple[str, list[tuple[str, str]]]]:
   """[(group title, [(field, comment)])] of the function `where` ("module:function"), from its
   source: each `root.a.b = value  # comment` is field `a.b`; a comment block that opens a
-  paragraph titles the fields below it, one right under a field describes the next field."""
+  paragraph titles the fields below it with its first line (the rest describes the next field),
+  one right under a field describes the next field."""
   module, function = where.split(":")
   source = _source(module)
   comments = {
@@ -269,8 +270,8 @@ def documented_fields(where: str) -> list[tuple[str, list[tuple[str, str]]]]:
       top -= 1
     above = [comments[n] for n in range(top + 1, stmt.lineno)]
     if above and top != last_field:
-      groups.append((" ".join(above), []))
-      above = []
+      groups.append((above[0], []))
+      above = above[1:]
     target = stmt.targets[0] if isinstance(stmt, ast.Assign) else None
     if not isinstance(target, ast.Attribute) or isinstance(stmt.value, ast.Call):
       continue  # not a field: the root or a nested ConfigDict

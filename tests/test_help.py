@@ -198,3 +198,5 @@ def test_documented_fields_reads_groups_and_comments_from_the_source():
   assert "steps_per_dispatch" in [
     p for p, _ in groups["What to train, and where the data comes from."]
   ]
+  # A paragraph's first comment line is its title; the lines after it describe its first field.
+  assert fields["dataset"].startswith("mnist | fashion_mnist | cifar10")
