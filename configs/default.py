@@ -13,9 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
   # What to train, and where the data comes from.
   # mnist | fashion_mnist | cifar10 | cifar10_jpeg | cifar100 (built in, found offline or
   # downloaded) | any tfds image-classification dataset prepared in tfds_data_dir: NAME,
-  # NAME:VERSION, NAME/CONFIG | folder:PATH (PATH/train/<class>/*, PATH/test/<class>/* or val/)
+  # NAME:VERSION, NAME/CONFIG | folder:PATH (PATH/train/<class>/*, PATH/test/<class>/* or val/).
+  # The next five fields are for a tfds dataset or a folder only (not the built-in five).
   c.dataset = "mnist"
-  # Of a tfds dataset or a folder only (not the built-in five):
   c.train_split = ""  # tfds split syntax (e.g. train[:90%]); "" = train
   c.test_split = ""  # "" = test, else validation
   c.image_key = ""  # the Image feature; "" = the only one
