@@ -278,7 +278,7 @@ def test_grain_workers_outlive_a_ctrl_c_to_the_process_group(mnist):
   info, tfds_dir = mnist
   expected = all_batches(train(info, tfds_dir, augment=True))
   it = ip.make_iterator(train(info, tfds_dir, augment=True), workers=2)
-  got = [next(it)]
+  got = [next(it), next(it)]  # one batch from each worker: both have started (and set up)
   workers = multiprocessing.active_children()
   assert len(workers) >= 2
   for worker in workers:
