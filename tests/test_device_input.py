@@ -17,7 +17,8 @@ import optax
 import pytest
 from conftest import COLLECTIVE_TIMEOUT
 
-from fmcejax import bench_loop, datasets, device_input, input_pipeline, parallel, steps, trainer
+from fmcejax import datasets, device_input, input_pipeline, parallel, steps, trainer
+from fmcejax.tools import bench_loop
 
 N, BATCH = 100, 16  # 6 steps per epoch, 96 of the 100 examples used
 

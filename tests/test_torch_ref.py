@@ -23,7 +23,7 @@ try:
   import torch
 except ImportError:
   missing("torch", TORCH_INSTALL, module=True)
-from fmcejax import torch_ref  # noqa: E402  (needs torch)
+from fmcejax.tools import torch_ref  # noqa: E402  (needs torch)
 
 MNIST, CIFAR = (28, 28, 1), (32, 32, 3)
 CASES = [

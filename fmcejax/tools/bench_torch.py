@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from fmcejax import bench_jax
+from fmcejax.tools import bench_jax
 
 
 def _models(args: argparse.Namespace, host: dict[str, Any], device: Any, ral: bool) -> tuple:
   """The torch backbone and (for RAL) frozen head, holding the JAX contenders' initial weights."""
-  from fmcejax import torch_ref
+  from fmcejax.tools import torch_ref
 
   model = torch_ref.create_backbone(args.backbone, args.num_classes, args.image_shape[-1])
   torch_ref.copy_flax_variables(model, host["backbone"])
@@ -48,7 +48,7 @@ def contenders(
   """
   import torch  # optional dependency: the `bench` extra
 
-  from fmcejax import torch_ref
+  from fmcejax.tools import torch_ref
 
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
