@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import TORCH_INSTALL, missing
-from fmcejax import models, parallel
-from fmcejax.tools import bench, bench_jax, bench_loop, bench_torch, trainer
+from fmcejax import models, parallel, trainer
+from fmcejax.tools import bench, bench_jax, bench_loop, bench_torch
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 TORCH = "eager" if HAS_TORCH else "none"
