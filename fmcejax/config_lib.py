@@ -212,15 +212,26 @@ def validate(
       raise ConfigError(
         field,
         value,
-        f"a multiple of the global device count ({device_count})",
+        f"a multiple of the global device count ({device_count}), e.g. "
+        + _nearest_multiples(value, device_count),
         "The global batch is split evenly over every device.",
       )
     if value % process_count:
-      raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
+      raise ConfigError(
+        field,
+        value,
+        f"a multiple of the process count ({process_count}), e.g. "
+        + _nearest_multiples(value, process_count),
+      )
   _check_sizes(config, datasets.DATASET_INFO[config.dataset].num_train)
   _check_input_on_device(config)
   if check_data:
     _check_data(config)
+
+
+def _nearest_multiples(value: int, n: int) -> str:
+  below = value // n * n
+  return f"{below} or {below + n}" if below else str(n)
 
 
 def module_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
+from jax._src.lib import _jax  # the HLO cost analysis, as Lowered.cost_analysis calls it
 from jax.experimental import topologies
 
 from fmcejax import (
@@ -122,16 +124,18 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[tuple[str, int, Ca
   if "fmcenetpp" in stages:
     out.append(("train_step_ral", config.batch_size, train_step(True)))
   if {"probe", "baseline", "fmcenetpp"} & set(stages):
-    fn = trainer.jit_eval_step(mesh, preprocess=pipe.preprocess(), head=head)
+    evaluate = trainer.jit_eval_step(mesh, preprocess=pipe.preprocess(), head=head)
     out.append(
-      ("eval_step", config.eval_batch_size, lambda: fn.lower((state, head_vars), eval_batch))
+      ("eval_step", config.eval_batch_size, lambda: evaluate.lower((state, head_vars), eval_batch))
     )
   if "fmcs_data" in stages:
-    fn = fmcs_data.jit_extract(
+    extract = fmcs_data.jit_extract(
       model.apply, module=pipe.module, preprocess=pipe.preprocess(), mesh=mesh
     )
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    out.append(("fmcs_extraction", config.eval_batch_size, lambda: fn.lower(variables, eval_batch)))
+    out.append(
+      ("fmcs_extraction", config.eval_batch_size, lambda: extract.lower(variables, eval_batch))
+    )
   if "fmce_net" in stages:
     out.append(
       (
@@ -182,6 +186,13 @@ def collectives(hlo: str) -> dict[str, int]:
   return {"count": count, "bytes": size}
 
 
+def unpartitioned_flops(lowered: Any) -> float | None:
+  """FLOPs of the whole (global, unpartitioned) program by XLA's HLO cost analysis, run by the
+  CPU client: `Lowered.cost_analysis` asks the target's client, which a deviceless GPU has not."""
+  module = lowered.compiler_ir("hlo").as_hlo_module()
+  return _jax.hlo_module_cost_analysis(jax.extend.backend.get_backend("cpu"), module).get("flops")
+
+
 def analyse(lowered: Any, devices: int) -> dict[str, Any]:
   """Compiles `lowered`; its memory, FLOPs and HBM bytes per chip, collectives, and whether any
   op still carries the CPU lowering's scope."""
@@ -198,7 +209,7 @@ def analyse(lowered: Any, devices: int) -> dict[str, Any]:
   cost = compiled.cost_analysis() or {}
   flops = cost.get("flops")
   if not flops:  # the GPU compiler says nothing: count on the unpartitioned program
-    flops = (lowered.cost_analysis() or {}).get("flops")
+    flops = unpartitioned_flops(lowered)
     flops = flops / devices if flops else None
   hlo = compiled.as_text()
   return {
@@ -209,6 +220,62 @@ def analyse(lowered: Any, devices: int) -> dict[str, Any]:
     "collectives": collectives(hlo),
     "cpu_lowering_in_program": cpu_lowering.SCOPE in hlo,
   }
+
+
+def out_of_memory(error: str) -> dict[str, Any]:
+  """The memory a program needs, from the TPU compiler's refusal to compile what does not fit
+  ("... HLO temporaries (395.50G) exceeds available HBM (15.75G)"); {} for other errors."""
+  m = re.search(r"temporaries \(([\d.]+)([GMK])\) exceeds available HBM", error)
+  if not m:
+    return {}
+  needed = int(float(m.group(1)) * {"G": 2**30, "M": 2**20, "K": 2**10}[m.group(2)])
+  return {
+    "memory_bytes": {"arguments": None, "outputs": None, "temporaries": needed, "total": needed}
+  }
+
+
+BATCH_FIELDS = {
+  "train_step": "batch_size",
+  "train_step_ral": "batch_size",
+  "eval_step": "eval_batch_size",
+  "fmcs_extraction": "eval_batch_size",
+  "fmce_net_train_step": "fmce_net.batch_size",
+}
+
+
+def fitting_batch(memory: dict[str, int], hbm_bytes: int, per_chip: int) -> int:
+  """The per-chip batch whose temporaries (which grow with the batch) would fit in the memory
+  the arguments and outputs leave: an estimate, linear in the batch."""
+  free = hbm_bytes - (memory["total"] - memory["temporaries"])  # all temporaries when unknown
+  return max(0, int(per_chip * free / max(memory["temporaries"], 1)))
+
+
+def check_memory(config: ml_collections.ConfigDict, mesh, hbm_bytes: int | None = None) -> None:
+  """`train`'s fit check on accelerators: compiles every program of the config's stages and
+  raises ConfigError naming the batch field of the first that does not fit in `hbm_bytes`
+  (default: the devices' own limit), and the per-chip batch that would."""
+  if hbm_bytes is None:
+    hbm_bytes = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    if not hbm_bytes:
+      return
+  for name, images, lower in programs(config, mesh):
+    try:
+      memory = analyse(lower(), mesh.size)["memory_bytes"]
+    except jax.errors.JaxRuntimeError as e:  # TPUs refuse to compile what does not fit
+      memory = out_of_memory(str(e)).get("memory_bytes")
+      if memory is None:
+        raise
+    if memory["total"] > hbm_bytes:
+      per_chip = images // mesh.size
+      fit = fitting_batch(memory, hbm_bytes, per_chip)
+      field = BATCH_FIELDS[name]
+      raise config_lib.ConfigError(
+        field,
+        images,
+        f"a global batch of at most about {fit * mesh.size} ({fit} per device)",
+        f"Program {name} needs {memory['total'] / 2**30:.2f} GiB per device, "
+        f"{hbm_bytes / 2**30:.2f} GiB are available.",
+      )
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +299,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     try:
       row |= analyse(lower(), len(devices))
     except Exception as e:  # noqa: BLE001 - the compiler's error is the result
-      row |= {"compiled": f"{type(e).__name__}: {e}"[:2000]}
+      row |= {"compiled": f"{type(e).__name__}: {e}"[:2000]} | out_of_memory(str(e))
     result["programs"].append(row)
   return result
 

@@ -21,7 +21,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from fmcejax import config_lib, datasets, parallel, pipeline, trainer, workdir
+from fmcejax import config_lib, datasets, parallel, pipeline, preflight_compile, trainer, workdir
 
 EXIT_BAD_INPUT = 2
 DEFAULT_CONFIG = "mnist_cnn"
@@ -118,7 +118,10 @@ def execute(
   parallel.initialize_distributed()
   try:
     root, lock = prepare_workdir(config, path)  # noqa: F841 - the lock is held until exit
-    run = job(pipeline.Pipeline(config, root))
+    stages = pipeline.Pipeline(config, root)
+    if parallel.platform(stages.mesh) != "cpu":  # before an hour of training finds an OOM
+      preflight_compile.check_memory(config, stages.mesh)
+    run = job(stages)
   except (config_lib.ConfigError, datasets.DataError) as e:
     return fail(str(e))
   signal.signal(signal.SIGTERM, trainer.request_preemption)
