@@ -25,13 +25,16 @@ def _installed(distribution: str) -> bool:
   return True
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def compilers():
   missing = [d for d in ("libtpu", "jax-cuda12-plugin") if not _installed(d)]
   if missing and os.environ.get("CI"):
     pytest.fail(f"CI must run the compile tests: {missing} missing; pip install -e '.[test,aot]'")
   if missing:
     pytest.skip(f"{missing} not installed (pip install -e '.[test,aot]')")
+
+
+needs_compilers = pytest.mark.usefixtures("compilers")
 
 
 def preflight(tmp_path, target, *overrides, config="mnist_cnn"):
@@ -47,11 +50,12 @@ def preflight(tmp_path, target, *overrides, config="mnist_cnn"):
   return proc, json.loads(report.read_text()) if report.exists() else None
 
 
+@needs_compilers
 @pytest.mark.parametrize(
   "target,devices,processes,config",
   [
     ("v5e:2x2", 4, 1, "mnist_cnn"),
-    ("v5e:4x4", 16, 4, "mnist_cnn"),  # a pod slice: 4 hosts
+    ("v5e:4x4", 16, 4, "mnist_cnn"),  # a pod slice: 4 hosts (eval batch 1024 over 16 chips)
     ("h100:8", 8, 1, "mnist_cnn"),
     ("h100:2x4", 8, 2, "mnist_cnn"),  # two GPU hosts
     ("v5e:2x2", 4, 1, "mnist_resnet18"),
@@ -60,7 +64,12 @@ def preflight(tmp_path, target, *overrides, config="mnist_cnn"):
 )
 def test_train_steps_compile_and_fit(tmp_path, target, devices, processes, config):
   proc, report = preflight(
-    tmp_path, target, "--config.stages=baseline,fmcenetpp", "--config.seeds=1", config=config
+    tmp_path,
+    target,
+    "--config.stages=baseline,fmcenetpp",
+    "--config.seeds=1",
+    "--config.eval_batch_size=1024",
+    config=config,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert (report["devices"], report["processes"]) == (devices, processes)
@@ -77,6 +86,7 @@ def test_train_steps_compile_and_fit(tmp_path, target, devices, processes, confi
   assert "not measurements" in proc.stdout
 
 
+@needs_compilers
 def test_a_batch_that_does_not_divide_over_the_pod_exits_2(tmp_path):
   proc, report = preflight(tmp_path, "v5e:4x4", "--config.eval_batch_size=1000")
   assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -84,6 +94,7 @@ def test_a_batch_that_does_not_divide_over_the_pod_exits_2(tmp_path):
   assert report is None  # nothing compiled
 
 
+@needs_compilers
 def test_a_program_that_does_not_fit_exits_1_naming_the_batch_that_would(tmp_path):
   proc, report = preflight(
     tmp_path, "v5e:2x2", "--config.stages=fmcs_data", f"--config.eval_batch_size={2**24}"
@@ -95,6 +106,21 @@ def test_a_program_that_does_not_fit_exits_1_naming_the_batch_that_would(tmp_pat
   assert "program fmcs_extraction needs" in proc.stderr and "would fit" in proc.stderr
 
 
+@needs_compilers
 def test_unknown_target_exits_2(tmp_path):
   proc, _ = preflight(tmp_path, "v9z:2")
   assert proc.returncode == 2 and "--target" in proc.stderr and "h100:8" in proc.stderr
+
+
+def test_train_checks_memory_per_program_before_it_trains():
+  """`train`'s check on accelerators, here on the CPU mesh with a made-up memory size."""
+  from fmcejax import config_lib, parallel, preflight_compile
+  from fmcejax.configs import mnist_cnn
+
+  config = mnist_cnn.get_config()
+  config.stages = "probe"
+  mesh = parallel.make_mesh()
+  preflight_compile.check_memory(config, mesh, hbm_bytes=2**40)  # fits
+  with pytest.raises(config_lib.ConfigError, match="per device") as e:
+    preflight_compile.check_memory(config, mesh, hbm_bytes=2**20)
+  assert e.value.field == "batch_size" and "Program train_step needs" in str(e.value)
