@@ -150,6 +150,8 @@ def table(report: dict[str, Any]) -> str:
       f"{fmt(p['roofline_seconds_per_step'] and p['roofline_seconds_per_step'] * 1e3, '{:.2f}'):>9}"
       f"{fmt(p['roofline_images_per_second'], '{:.0f}'):>12}"
     )
+  if any(p.get("bytes_per_step") is None for p in report["programs"]):
+    lines.append("no HBM bytes from this compiler: times are FLOP-bound only, optimistic")
   s = report["pipeline_seconds_roofline"]
   lines.append(
     f"whole pipeline at these rates: {s / 3600:.2f} h" if s else "whole pipeline: unknown"
