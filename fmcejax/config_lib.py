@@ -221,11 +221,17 @@ def validate(
       raise ConfigError(
         field,
         value,
-        f"a multiple of the global device count ({device_count})",
+        f"a multiple of the global device count ({device_count}), e.g. "
+        + _nearest_multiples(value, device_count),
         "The global batch is split evenly over every device.",
       )
     if value % process_count:
-      raise ConfigError(field, value, f"a multiple of the process count ({process_count})")
+      raise ConfigError(
+        field,
+        value,
+        f"a multiple of the process count ({process_count}), e.g. "
+        + _nearest_multiples(value, process_count),
+      )
   if info.num_train:  # 0: a tfds dataset that tfds has yet to prepare
     _check_sizes(config, info.num_train)
   _check_input_on_device(config, info)
@@ -254,6 +260,11 @@ def dataset_info(config: ml_collections.ConfigDict):
     )
   except datasets.DataError as e:
     raise ConfigError(e.field, e.value, e.accepted, e.why) from None
+
+
+def _nearest_multiples(value: int, n: int) -> str:
+  below = value // n * n
+  return f"{below} or {below + n}" if below else str(n)
 
 
 def module_names(config: ml_collections.ConfigDict, info=None) -> tuple[str, ...]:

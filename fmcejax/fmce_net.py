@@ -41,7 +41,7 @@ class _PhaseClassifier(nn.Module):
     return self.net(x, train=train), {}
 
 
-def _head_model(
+def head_model(
   config: ml_collections.ConfigDict, num_phases: int, dtype: Any, mesh: Mesh
 ) -> models.FMCENet:
   return models.FMCENet(
@@ -55,6 +55,19 @@ def _head_model(
 
 def _as_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
+
+
+def recipe(config: ml_collections.ConfigDict, num_phases: int, mesh: Mesh, spe: int) -> dict:
+  """The FMCE-Net run's model, preprocessing, optimizer and learning rate (`trainer.Job`'s
+  fields besides data), for `spe` steps per epoch: one home for training and preflight."""
+  c = config.fmce_net
+  lr = steps.learning_rate_schedule(c.learning_rate, "cosine", spe // 2, spe * c.epochs)
+  return {
+    "model": _PhaseClassifier(head_model(config, num_phases, jnp.float32, mesh)),
+    "preprocess": _as_float,
+    "tx": steps.create_optimizer("adamw", lr, weight_decay=c.weight_decay),
+    "learning_rate": lr,
+  }
 
 
 def train(
@@ -74,7 +87,6 @@ def train(
   holdout = fmcs_data.dataset(data_dir, "holdout")
   k = train_source.num_phases
   spe = input_pipeline.steps_per_epoch(len(train_source), c.batch_size)
-  lr = steps.learning_rate_schedule(c.learning_rate, "cosine", spe // 2, spe * c.epochs)
   batches = input_pipeline.epoch_batches(
     fmcs_data.dataset(data_dir, "train", labels),
     global_batch=c.batch_size,
@@ -84,15 +96,12 @@ def train(
     process_count=jax.process_count(),
   )
   job = trainer.Job(
-    model=_PhaseClassifier(_head_model(config, k, jnp.float32, mesh)),
-    preprocess=_as_float,
+    **recipe(config, k, mesh, spe),
     input_shape=train_source.feature_shape,
     train_data=input_pipeline.HostBatches(batches, mesh),
     steps_per_epoch=spe,
     epochs=c.epochs,
     global_batch=c.batch_size,
-    tx=steps.create_optimizer("adamw", lr, weight_decay=c.weight_decay),
-    learning_rate=lr,
     seed=seed,
     identity={
       "role": "fmce_net",
@@ -109,7 +118,7 @@ def train(
   state = result.pop("state")
   variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
   result.update(
-    evaluate(_head_model(config, k, jnp.float32, mesh), variables, holdout, mesh, c.batch_size)
+    evaluate(head_model(config, k, jnp.float32, mesh), variables, holdout, mesh, c.batch_size)
   )
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(out.absolute() / "head", variables, force=True)
@@ -138,7 +147,7 @@ def evaluate(
     logits = model.apply(v, batch["image"].astype(jnp.float32), train=False)
     mask = batch["mask"]
     pred = jnp.argmax(logits, -1)
-    err = jnp.abs(steps.predicted_fmcs(logits) - steps.fmcs_scores(k)[batch["label"]])
+    err = jnp.abs(steps.predicted_fmcs(logits) - jnp.asarray(steps.fmcs_scores(k))[batch["label"]])
     onehot = jax.nn.one_hot(batch["label"], k) * mask[:, None]
     return {
       "confusion": onehot.T @ jax.nn.one_hot(pred, k),
@@ -176,7 +185,7 @@ def head(
   untrained one initialised from `seed` (a study's `random` control). Its variables are
   replicated over `mesh`, whatever devices saved them, and never optimised."""
   meta = fmcs_data.Source(data_dir, "holdout")
-  model = _head_model(config, meta.num_phases, dtype, mesh)
+  model = head_model(config, meta.num_phases, dtype, mesh)
   init = lambda: model.init(
     jax.random.PRNGKey(seed),
     jnp.zeros((1, *meta.feature_shape)),  # noqa: E731

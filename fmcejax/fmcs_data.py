@@ -38,9 +38,7 @@ def extract(
 ) -> np.ndarray:
   """Feature maps of `module` for `images` (identical on every host), by a jitted forward pass
   sharded over the mesh; every host returns the full array."""
-  fn = evaluation.jit(
-    lambda v, batch: apply_fn(v, preprocess(batch["image"]), train=False)[1][module], mesh
-  )
+  fn = jit_extract(apply_fn, module=module, preprocess=preprocess, mesh=mesh)
   source = input_pipeline.ArraySource(image=images, label=np.zeros(len(images), np.int32))
   return evaluation.over_dataset(
     fn,
@@ -49,6 +47,19 @@ def extract(
     mesh,
     global_batch=batch_size,
     concat=True,
+  )
+
+
+def jit_extract(
+  apply_fn: Callable[..., Any],
+  *,
+  module: str,
+  preprocess: Callable[[jax.Array], jax.Array],
+  mesh: Mesh,
+) -> evaluation.BatchFn:
+  """The extraction's program: `module`'s feature maps of a global batch of images."""
+  return evaluation.jit(
+    lambda v, batch: apply_fn(v, preprocess(batch["image"]), train=False)[1][module], mesh
   )
 
 

@@ -42,12 +42,20 @@ from fmcejax import (
 class Pipeline:
   """The stages of one workdir; each is skipped when its metrics.json exists."""
 
-  def __init__(self, config: ml_collections.ConfigDict, root: epath.PathLike):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    root: epath.PathLike,
+    mesh: jax.sharding.Mesh | None = None,
+    info: datasets.DatasetInfo | None = None,
+  ):
+    """`mesh` defaults to every device; `info` to the prepared dataset. Preflight passes a
+    target's devices and the catalogue's entry, to build the same programs without data."""
     self.config, self.root = config, epath.Path(root)
-    self.mesh = parallel.make_mesh()
+    self.mesh = mesh or parallel.make_mesh()
     self.lowering = cpu_lowering.for_platform(parallel.platform(self.mesh))
     self.seeds = config_lib.parse_seeds(config.seeds)
-    self.info = parallel.primary_first(
+    self.info = info or parallel.primary_first(
       "prepare",
       lambda: datasets.prepare(
         config.dataset,
@@ -118,13 +126,9 @@ class Pipeline:
         c.steps_per_dispatch,
       )
     spe = input_pipeline.steps_per_epoch(self.info, c.batch_size, limit)
-    lr = steps.learning_rate_schedule(
-      c.learning_rate, c.lr_schedule, int(c.warmup_epochs * spe), spe * epochs
-    )
+    recipe = self.recipe(c, spe, epochs)
     return trainer.Job(
-      model=models.create_backbone(
-        c.backbone, self.info.num_classes, self.dtype, lowering=self.lowering
-      ),
+      **recipe,
       preprocess=self.preprocess(),
       input_shape=self.info.image_shape,
       train_data=self.train_batches(
@@ -133,10 +137,6 @@ class Pipeline:
       steps_per_epoch=spe,
       epochs=epochs,
       global_batch=c.batch_size,
-      tx=steps.create_optimizer(
-        c.optimizer, lr, weight_decay=c.weight_decay, momentum=c.momentum, nesterov=c.nesterov
-      ),
-      learning_rate=lr,
       seed=seed,
       identity={
         "role": role,
@@ -152,15 +152,31 @@ class Pipeline:
       eval_data=input_pipeline.examples(self.info, "test", c.test_examples_limit, c.tfds_data_dir),
       eval_batch_size=c.eval_batch_size,
       eval_each_epoch=eval_each_epoch,
-      loss=steps.Loss(
-        alpha=steps.alpha_schedule(c.alpha, c.alpha_schedule, spe * epochs),
-        mode=c.ral,
-        target=c.ral_target,
-      ),
       head=head[0] if head else None,
       head_variables=head[1] if head else None,
       train_with_head=train_with_head,
     )
+
+  def recipe(self, c: ml_collections.ConfigDict, spe: int, epochs: int) -> dict[str, Any]:
+    """The model, optimizer, learning rate and loss of a backbone run of `epochs` x `spe` steps
+    (what `trainer.Job` takes besides data): one home for train and preflight."""
+    lr = steps.learning_rate_schedule(
+      c.learning_rate, c.lr_schedule, int(c.warmup_epochs * spe), spe * epochs
+    )
+    return {
+      "model": models.create_backbone(
+        c.backbone, self.info.num_classes, self.dtype, lowering=self.lowering
+      ),
+      "tx": steps.create_optimizer(
+        c.optimizer, lr, weight_decay=c.weight_decay, momentum=c.momentum, nesterov=c.nesterov
+      ),
+      "learning_rate": lr,
+      "loss": steps.Loss(
+        alpha=steps.alpha_schedule(c.alpha, c.alpha_schedule, spe * epochs),
+        mode=c.ral,
+        target=c.ral_target,
+      ),
+    }
 
   def train_batches(
     self, *, seed: int, epochs: int, limit: int, on_device: bool, config: ml_collections.ConfigDict

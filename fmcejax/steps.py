@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -41,11 +42,16 @@ class Loss:
   target: str = "phase"
 
 
-def fmcs_scores(num_phases: int) -> jax.Array:
-  """FMCS of phase k (0-based) is k / (K - 1): 0 for the first marker, 1 for the converged one."""
+def fmcs_scores(num_phases: int) -> np.ndarray:
+  """FMCS of phase k (0-based) is k / (K - 1): 0 for the first marker, 1 for the converged one.
+
+  A numpy constant, not `jnp.linspace`: an iota made inside the program and fused with the
+  softmax, the dot and a batch mean does not compile for NVIDIA GPUs with jax 0.10.2 (an
+  `scf.if` type mismatch in XLA's Triton emitter; docs/BENCHMARKS.md). Same values.
+  """
   if num_phases < 2:
     raise ValueError(f"FMCS scores need K >= 2 phases, got {num_phases}")
-  return jnp.linspace(0.0, 1.0, num_phases)
+  return np.linspace(0.0, 1.0, num_phases, dtype=np.float32)
 
 
 def predicted_fmcs(head_logits: jax.Array) -> jax.Array:

@@ -70,6 +70,7 @@ def execute(
   compiles. SIGTERM and Ctrl-C stop at the next step with a checkpoint (exit 0 and 130); a second
   Ctrl-C stops at once. jax and the stages are imported here, so --help and typos answer fast."""
   from fmcejax import datasets, parallel, pipeline, trainer
+  from fmcejax.tools import preflight_compile
 
   signal.signal(signal.SIGTERM, trainer.request_preemption)
   signal.signal(signal.SIGINT, trainer.request_preemption)
@@ -77,7 +78,10 @@ def execute(
   parallel.initialize_distributed()
   try:
     root, lock = prepare_workdir(config, path)  # noqa: F841 - the lock is held until exit
-    run = job(pipeline.Pipeline(config, root))
+    stages = pipeline.Pipeline(config, root)
+    if parallel.platform(stages.mesh) != "cpu":  # before an hour of training finds an OOM
+      preflight_compile.check_memory(config, stages.mesh)
+    run = job(stages)
   except (config_lib.ConfigError, datasets.DataError) as e:
     return fail(str(e))
   try:

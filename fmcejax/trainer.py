@@ -139,6 +139,15 @@ def jit_train_step(
   )
 
 
+def jit_eval_step(
+  mesh: Mesh, *, preprocess: Callable[[jax.Array], jax.Array], head: steps.Head | None
+) -> Callable[..., Any]:
+  """`steps.eval_step` as `fit` evaluates: `fn((state, head_variables), global_batch)`."""
+  return evaluation.jit(
+    lambda v, batch: steps.eval_step(v[0], batch, v[1], preprocess=preprocess, head=head), mesh
+  )
+
+
 def _preempted(at_boundary: bool) -> bool:
   """The one place that decides preemption. Saving is collective and each host gets SIGTERM at
   its own moment, so with several processes all decide together, at steps where all check."""
@@ -291,10 +300,7 @@ def _evaluator(job: Job, mesh: Mesh) -> Callable[[Any, Any, bool], Callable[[], 
   evaluates (every epoch, or only the final one), else None."""
   if job.eval_data is None:
     return lambda *_: None
-  fn = evaluation.jit(
-    lambda v, batch: steps.eval_step(v[0], batch, v[1], preprocess=job.preprocess, head=job.head),
-    mesh,
-  )
+  fn = jit_eval_step(mesh, preprocess=job.preprocess, head=job.head)
 
   def run(state, head_variables) -> dict[str, float | None]:
     sums = evaluation.over_dataset(

@@ -16,7 +16,7 @@ from fmcejax import cli
 from fmcejax.study import study_config
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "study", "bench", "bench_loop")
+COMMANDS = ("train", "study", "preflight", "bench", "bench_loop")
 # Runs a command in this process, then says whether jax was imported: --help and typos must not.
 IN_PROCESS = """
 import runpy, sys

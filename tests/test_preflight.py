@@ -1,0 +1,127 @@
+"""Compiled for TPU slices and pods and for NVIDIA boxes, on this CPU: `python -m fmcejax.preflight`
+with the real compilers of the `aot` extra (libtpu, the CUDA plugin).
+
+Skipped only where the extra is missing and CI is not set; under CI a missing extra fails.
+"""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PROGRAMS = ("train_step", "train_step_ral")
+
+
+def _installed(distribution: str) -> bool:
+  try:
+    importlib.metadata.version(distribution)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
+
+
+@pytest.fixture(scope="module")
+def compilers():
+  missing = [d for d in ("libtpu", "jax-cuda12-plugin") if not _installed(d)]
+  if missing and os.environ.get("CI"):
+    pytest.fail(f"CI must run the compile tests: {missing} missing; pip install -e '.[test,aot]'")
+  if missing:
+    pytest.skip(f"{missing} not installed (pip install -e '.[test,aot]')")
+
+
+needs_compilers = pytest.mark.usefixtures("compilers")
+
+
+def preflight(tmp_path, target, *overrides, config="mnist_cnn"):
+  proc = subprocess.run(
+    [sys.executable, "-m", "fmcejax.preflight", f"--target={target}", f"--config={config}"]
+    + [f"--out={tmp_path}", *overrides],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  report = tmp_path / "preflight.json"
+  return proc, json.loads(report.read_text()) if report.exists() else None
+
+
+@needs_compilers
+@pytest.mark.parametrize(
+  "target,devices,processes,config",
+  [
+    ("v5e:2x2", 4, 1, "mnist_cnn"),
+    ("v5e:4x4", 16, 4, "mnist_cnn"),  # a pod slice: 4 hosts (eval batch 1024 over 16 chips)
+    ("h100:8", 8, 1, "mnist_cnn"),
+    ("h100:2x4", 8, 2, "mnist_cnn"),  # two GPU hosts
+    # ResNet-18 for a TPU took over 12 minutes on the loaded 2-core machine: GPU only here.
+    ("h100:8", 8, 1, "mnist_resnet18"),
+  ],
+)
+def test_train_steps_compile_and_fit(tmp_path, target, devices, processes, config):
+  proc, report = preflight(
+    tmp_path,
+    target,
+    "--config.stages=baseline,fmcenetpp",
+    "--config.seeds=1",
+    "--config.eval_batch_size=1024",
+    config=config,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert (report["devices"], report["processes"]) == (devices, processes)
+  programs = {p["name"]: p for p in report["programs"]}
+  assert set(programs) == {*TRAIN_PROGRAMS, "eval_step"}
+  for p in programs.values():
+    assert p["compiled"] is True and p["fits"], p
+    assert not p["cpu_lowering_in_program"], p["name"]
+    assert p["flops_per_step"] > 0 and p["roofline_images_per_second"] > 0
+  for name in TRAIN_PROGRAMS:
+    # BatchNorm's batch means in the forward pass, then the gradients: at least two all-reduces.
+    assert programs[name]["collectives"]["count"] >= 2, programs[name]
+  assert report["pipeline_seconds_roofline"] > 0
+  assert "not measurements" in proc.stdout
+
+
+@needs_compilers
+def test_a_batch_that_does_not_divide_over_the_pod_exits_2(tmp_path):
+  proc, report = preflight(tmp_path, "v5e:4x4", "--config.eval_batch_size=1000")
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "'eval_batch_size' = 1000" in proc.stderr and "992 or 1008" in proc.stderr
+  assert report is None  # nothing compiled
+
+
+@needs_compilers
+def test_a_program_that_does_not_fit_exits_1_naming_the_batch_that_would(tmp_path):
+  proc, report = preflight(
+    tmp_path, "v5e:2x2", "--config.stages=fmcs_data", f"--config.eval_batch_size={2**24}"
+  )
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  (row,) = report["programs"]
+  assert row["name"] == "fmcs_extraction" and not row["fits"]
+  assert row["memory_bytes"]["total"] > row["hbm_bytes"]
+  assert "program fmcs_extraction needs" in proc.stderr and "would fit" in proc.stderr
+
+
+@needs_compilers
+def test_unknown_target_exits_2(tmp_path):
+  proc, _ = preflight(tmp_path, "v9z:2")
+  assert proc.returncode == 2 and "--target" in proc.stderr and "h100:8" in proc.stderr
+
+
+def test_train_checks_memory_per_program_before_it_trains():
+  """`train`'s check on accelerators, here on the CPU mesh with a made-up memory size."""
+  from fmcejax import config_lib, parallel
+  from fmcejax.tools import preflight_compile
+  from fmcejax.configs import mnist_cnn
+
+  config = mnist_cnn.get_config()
+  config.stages = "probe"
+  mesh = parallel.make_mesh()
+  preflight_compile.check_memory(config, mesh, hbm_bytes=2**40)  # fits
+  with pytest.raises(config_lib.ConfigError, match="per device") as e:
+    preflight_compile.check_memory(config, mesh, hbm_bytes=2**20)
+  assert e.value.field == "batch_size" and "Program train_step needs" in str(e.value)
