@@ -8,6 +8,7 @@ Preflight's compiling child (`FMCEJAX_COMPILERS=1`) loads them.
 """
 
 import glob
+import importlib.util
 import os
 import sys
 import types
@@ -22,6 +23,8 @@ def _keep_compilers_unloaded() -> None:
     return
   if any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES):
     return
+  if not any(importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda12_plugin")):
+    return  # no aot compilers: nothing to keep unloaded (and other plugins, e.g. Metal, load)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu then never starts
   # jaxlib's GPU kernels and JAX's plugin discovery import the CUDA plugin even for CPU.
   sys.modules.setdefault("jax_cuda12_plugin", None)
