@@ -153,40 +153,31 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_report(
     assert report[key] == uninterrupted[key], key
 
 
-@pytest.mark.slow
-def test_sigterm_exits_0_and_the_rerun_finishes(tmp_path, mnist_tfds, uninterrupted):
-  w = tmp_path / "w"
-  proc = _start(w, mnist_tfds)
+def _stop_at_checkpoint(w, tfds_dir, run, sig):
+  """Starts (or resumes) the job, sends `sig` once `run` has a checkpoint; (exit status, stderr)."""
+  proc = _start(w, tfds_dir)
   deadline = time.time() + 600
-  while not _steps(w / "baseline" / "seed_0" / "checkpoints") and time.time() < deadline:
+  while not _steps(w / run / "checkpoints") and time.time() < deadline:
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-3000:]
-  assert "SIGTERM received; checkpoint written" in stderr
-  final = subprocess.run(
-    _command(w, mnist_tfds), cwd=REPO, capture_output=True, text=True, timeout=900
-  )
-  assert final.returncode == 0, final.stderr[-3000:]
-  report = json.loads((w / "report.json").read_text())
-  for key in RESULT_KEYS:
-    assert report[key] == uninterrupted[key], key
+  return proc.returncode, stderr
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_exits_130_and_the_rerun_gives_the_uninterrupted_report(
+def test_sigterm_then_ctrl_c_checkpoint_and_the_rerun_gives_the_uninterrupted_report(
   tmp_path, mnist_tfds, uninterrupted
 ):
+  """SIGTERM in the first baseline run exits 0, Ctrl-C in the resumed job's first FMCE-Net++
+  run exits 130 (one line, no traceback); each writes a checkpoint, and the last re-run's
+  report equals the uninterrupted job's."""
   w = tmp_path / "w"
-  proc = _start(w, mnist_tfds)
-  deadline = time.time() + 600
-  while not _steps(w / "baseline" / "seed_0" / "checkpoints") and time.time() < deadline:
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 130, stderr[-3000:]
+  status, stderr = _stop_at_checkpoint(w, mnist_tfds, "baseline/seed_0", signal.SIGTERM)
+  assert status == 0, stderr[-3000:]
+  assert "SIGTERM received; checkpoint written" in stderr
+  status, stderr = _stop_at_checkpoint(w, mnist_tfds, "fmcenetpp/seed_0", signal.SIGINT)
+  assert status == 130, stderr[-3000:]
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
   assert "SIGINT received; checkpoint written" in stderr.strip().splitlines()[-1], stderr[-3000:]
   final = subprocess.run(

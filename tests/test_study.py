@@ -175,53 +175,42 @@ def test_the_control_heads_know_nothing(study):
   assert any(differs)
 
 
-@pytest.mark.slow
-def test_a_killed_study_resumes_to_the_same_study_json(tmp_path, mnist_tfds, study):
-  _, summary = study
-  workdir = tmp_path / "w"
+def _start_until_checkpoint(workdir, tfds_dir, arm):
+  """The study started as in a terminal (SIGINT at its default), returned once `arm`'s seed 0
+  has written a checkpoint."""
   proc = subprocess.Popen(
-    _command(workdir, mnist_tfds),
+    _command(workdir, tfds_dir),
     cwd=REPO,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
-  checkpoints = workdir / "arms" / "trained_conv2_convex_a0.3" / "seed_0" / "checkpoints"
+  checkpoints = workdir / "arms" / arm / "seed_0" / "checkpoints"
   deadline = time.time() + 900
   while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
     time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait(timeout=60)
-  resumed = _run(workdir, mnist_tfds)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert json.loads((workdir / "study.json").read_text()) == summary
+  return proc
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_study_with_exit_130_and_it_resumes_to_the_same_study_json(
+def test_ctrl_c_then_a_kill_stop_a_study_and_it_resumes_to_the_same_study_json(
   tmp_path, mnist_tfds, study
 ):
+  """One study stopped twice: Ctrl-C in its first arm (exit 130, a checkpoint, one line), then,
+  resumed, SIGKILL in its second arm; the third run finishes it as the uninterrupted study."""
   _, summary = study
   workdir = tmp_path / "w"
-  proc = subprocess.Popen(
-    _command(workdir, mnist_tfds),
-    cwd=REPO,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
-  )
-  checkpoints = workdir / "arms" / "trained_conv2_convex_a0.1" / "seed_0" / "checkpoints"
-  deadline = time.time() + 900
-  while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-    time.sleep(0.05)
+  proc = _start_until_checkpoint(workdir, mnist_tfds, "trained_conv2_convex_a0.1")
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 130, stderr[-3000:]
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
   assert "SIGINT received; checkpoint written" in stderr.strip().splitlines()[-1], stderr[-3000:]
+  proc = _start_until_checkpoint(workdir, mnist_tfds, "trained_conv2_convex_a0.3")
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
   resumed = _run(workdir, mnist_tfds)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert json.loads((workdir / "study.json").read_text()) == summary
