@@ -205,7 +205,8 @@ def run(target: preflight_targets.Target, config: ml_collections.ConfigDict, out
   return 1 if problems else 0
 
 
-def _installed(distribution: str) -> bool:
+def installed(distribution: str) -> bool:
+  """Whether a distribution (a compiler of the `aot` extra) is installed."""
   try:
     importlib.metadata.version(distribution)
   except importlib.metadata.PackageNotFoundError:
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
       ).replace("config field ", "flag ")
     )
   compiler = _COMPILER.get(target.kind)
-  if compiler and not _installed(compiler):
+  if compiler and not installed(compiler):
     return cli.fail(
       f"--target={target.spec} needs the {compiler} compiler, not installed here: {INSTALL}"
     )

@@ -4,34 +4,25 @@ with the real compilers of the `aot` extra (libtpu, the CUDA plugin).
 Skipped only where the extra is missing and CI is not set; under CI a missing extra fails.
 """
 
-import importlib.metadata
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import missing
+from fmcejax import preflight as preflight_cli
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PROGRAMS = ("train_step", "train_step_ral")
 
 
-def _installed(distribution: str) -> bool:
-  try:
-    importlib.metadata.version(distribution)
-  except importlib.metadata.PackageNotFoundError:
-    return False
-  return True
-
-
 @pytest.fixture(scope="module")
 def compilers():
-  missing = [d for d in ("libtpu", "jax-cuda12-plugin") if not _installed(d)]
-  if missing and os.environ.get("CI"):
-    pytest.fail(f"CI must run the compile tests: {missing} missing; pip install -e '.[test,aot]'")
-  if missing:
-    pytest.skip(f"{missing} not installed (pip install -e '.[test,aot]')")
+  absent = [d for d in ("libtpu", "jax-cuda12-plugin") if not preflight_cli.installed(d)]
+  if absent:
+    missing(f"the compilers {absent}", "pip install -e '.[test,aot]'")
 
 
 needs_compilers = pytest.mark.usefixtures("compilers")
