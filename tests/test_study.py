@@ -82,19 +82,18 @@ def test_the_grid_and_its_outputs(study):
   assert all(a["name"] in (workdir / "study.md").read_text() for a in summary["arms"])
 
 
+def _seed_metrics(run_dir):
+  """metrics.json of seeds 0 and 1 of one run (the baseline or an arm)."""
+  return [json.loads((run_dir / f"seed_{s}" / "metrics.json").read_text()) for s in (0, 1)]
+
+
 @pytest.mark.slow
 def test_arms_pair_with_the_baseline_of_the_same_seed_and_the_ci_is_student_t(study):
   workdir, summary = study
-  base = [
-    json.loads((workdir / "baseline" / f"seed_{s}" / "metrics.json").read_text())["test_accuracy"]
-    for s in (0, 1)
-  ]
+  base = [m["test_accuracy"] for m in _seed_metrics(workdir / "baseline")]
   assert summary["baseline_accuracy"] == base
   for arm in summary["arms"]:
-    runs = [
-      json.loads((workdir / "arms" / arm["name"] / f"seed_{s}" / "metrics.json").read_text())
-      for s in (0, 1)
-    ]
+    runs = _seed_metrics(workdir / "arms" / arm["name"])
     gains = [(r["test_accuracy"] - b) * 100 for r, b in zip(runs, base)]
     assert arm["gains_pp"] == pytest.approx(gains) and arm["n"] == 2
     mean, std = np.mean(gains), np.std(gains, ddof=1)
@@ -106,10 +105,7 @@ def test_arms_pair_with_the_baseline_of_the_same_seed_and_the_ci_is_student_t(st
 @pytest.mark.slow
 def test_baselines_report_the_first_trained_heads_fmcs_without_training_through_it(study):
   workdir, summary = study
-  histories = [
-    json.loads((workdir / "baseline" / f"seed_{s}" / "metrics.json").read_text())["history"]
-    for s in (0, 1)
-  ]
+  histories = [m["history"] for m in _seed_metrics(workdir / "baseline")]
   assert all(row["fmcs"] is not None and row["alpha"] == 0.0 for h in histories for row in h)
   assert summary["baseline_fmcs_per_epoch"] == pytest.approx(
     [np.mean([h[0]["fmcs"] for h in histories])]
