@@ -31,10 +31,15 @@ from fmcejax.tools import preflight_targets
 
 INSTALL = "pip install 'fmcejax[aot]'"
 _COMPILER = {"tpu": "libtpu", "cuda": "jax-cuda12-plugin"}  # distributions
-NOTE = "Compiler estimates (roofline: the larger of FLOPs / peak and bytes / bandwidth), not measurements."
+NOTE = (
+  "Compiler estimates, not measurements: roofline = the larger of FLOPs / peak and HBM bytes "
+  "(summed over the compiled kernels) / bandwidth."
+)
 
 
-def compile_in_child(target: preflight_targets.Target, config: ml_collections.ConfigDict) -> dict:
+def compile_in_child(
+  target: preflight_targets.Target, config: ml_collections.ConfigDict, heaviest: int = 10
+) -> dict:
   """`preflight_compile.run` in a child process with the compilers' own environment; its stderr
   (the compilers' start-up noise) is shown only when it fails."""
   env = dict(os.environ, FMCEJAX_COMPILERS="1")
@@ -44,7 +49,7 @@ def compile_in_child(target: preflight_targets.Target, config: ml_collections.Co
   with tempfile.TemporaryDirectory() as tmp:
     request, result = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
     with open(request, "w") as f:
-      json.dump({"target": target.spec, "config": config.to_dict()}, f)
+      json.dump({"target": target.spec, "config": config.to_dict(), "heaviest": heaviest}, f)
     proc = subprocess.run(
       [sys.executable, "-m", "fmcejax.tools.preflight_compile", request, result],
       env=env,
@@ -125,7 +130,8 @@ def pipeline_seconds(config: ml_collections.ConfigDict, programs: dict[str, dict
   return total
 
 
-def table(report: dict[str, Any]) -> str:
+def table(report: dict[str, Any], kernels: int = 0) -> str:
+  """The report as text; with `kernels`, each program's heaviest kernels under its line."""
   lines = [
     f"preflight {report['target']}: {report['devices']} devices, {report['processes']} processes, "
     f"{report['chip']['name'] if report['chip'] else 'unknown chip'}. {NOTE}",
@@ -145,8 +151,8 @@ def table(report: dict[str, Any]) -> str:
       f"{fmt(p['roofline_seconds_per_step'] and p['roofline_seconds_per_step'] * 1e3, '{:.2f}'):>9}"
       f"{fmt(p['roofline_images_per_second'], '{:.0f}'):>12}"
     )
-  if any(p.get("bytes_per_step") is None for p in report["programs"]):
-    lines.append("no HBM bytes from this compiler: times are FLOP-bound only, optimistic")
+    for k in p["heaviest_kernels"][:kernels]:
+      lines.append(f"    {k['bytes'] / 1e6:10.1f} MB  {k['opcode']:<24} {k['op_name'][-90:]}")
   s = report["pipeline_seconds_roofline"]
   lines.append(
     f"whole pipeline at these rates: {s / 3600:.2f} h" if s else "whole pipeline: unknown"
@@ -174,10 +180,12 @@ def verdict(report: dict[str, Any], config: ml_collections.ConfigDict) -> list[s
   return out
 
 
-def run(target: preflight_targets.Target, config: ml_collections.ConfigDict, out: str) -> int:
+def run(
+  target: preflight_targets.Target, config: ml_collections.ConfigDict, out: str, kernels: int = 0
+) -> int:
   from fmcejax import workdir
 
-  child = compile_in_child(target, config)
+  child = compile_in_child(target, config, max(10, kernels))
   if "config_error" in child:
     return cli.fail(
       f"{child['config_error']} (target {target.spec}: {child['devices']} devices, {child['processes']} processes)"
@@ -198,7 +206,7 @@ def run(target: preflight_targets.Target, config: ml_collections.ConfigDict, out
     ),
   }
   workdir.write_json(workdir.path(out) / "preflight.json", report)
-  print(table(report))
+  print(table(report, kernels))
   problems = verdict(report, config)
   for line in problems:
     print(f"fmcejax: preflight: {line}", file=sys.stderr)
@@ -217,6 +225,7 @@ def installed(distribution: str) -> bool:
 def define_flags() -> None:
   flags.DEFINE_string("target", None, preflight_targets.ACCEPTED)
   flags.DEFINE_string("out", "./preflight", "where preflight.json goes")
+  flags.DEFINE_integer("kernels", 0, "also print each program's N kernels that move the most bytes", lower_bound=0)
 
 
 PREFLIGHT = cli.Command(
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli.fail(
       f"--target={target.spec} needs the {compiler} compiler, not installed here: {INSTALL}"
     )
-  return run(target, config, flags.FLAGS.out)
+  return run(target, config, flags.FLAGS.out, flags.FLAGS.kernels)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ GPU compilers need `JAX_PLATFORMS=cpu` and print their start-up noise there, not
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -34,7 +35,7 @@ from fmcejax import (
   steps,
   trainer,
 )
-from fmcejax.tools import preflight_targets
+from fmcejax.tools import hlo_traffic, preflight_targets
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
@@ -193,9 +194,11 @@ def unpartitioned_flops(lowered: Any) -> float | None:
   return _jax.hlo_module_cost_analysis(jax.extend.backend.get_backend("cpu"), module).get("flops")
 
 
-def analyse(lowered: Any, devices: int) -> dict[str, Any]:
-  """Compiles `lowered`; its memory, FLOPs and HBM bytes per chip, collectives, and whether any
-  op still carries the CPU lowering's scope."""
+def analyse(lowered: Any, devices: int, heaviest: int = 10) -> dict[str, Any]:
+  """Compiles `lowered`; its memory, FLOPs and HBM bytes per chip (`hlo_traffic`'s count over
+  the kernels; the compiler's own `bytes accessed` beside it where it gives one: on TPU it also
+  counts on-chip VMEM traffic), the `heaviest` kernels by bytes, collectives, and whether any op
+  still carries the CPU lowering's scope."""
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   memory = {
@@ -212,11 +215,17 @@ def analyse(lowered: Any, devices: int) -> dict[str, Any]:
     flops = unpartitioned_flops(lowered)
     flops = flops / devices if flops else None
   hlo = compiled.as_text()
+  kernels = hlo_traffic.kernels(hlo)
   return {
     "compiled": True,
     "memory_bytes": memory,
     "flops_per_step": float(flops) if flops else None,
-    "bytes_per_step": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None,
+    "bytes_per_step": sum(k.bytes for k in kernels),
+    "compiler_bytes_accessed": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None,
+    "kernels": len(kernels),
+    "heaviest_kernels": [
+      dataclasses.asdict(k) for k in sorted(kernels, key=lambda k: -k.bytes)[:heaviest]
+    ],
     "collectives": collectives(hlo),
     "cpu_lowering_in_program": cpu_lowering.SCOPE in hlo,
   }
@@ -297,7 +306,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
   for name, images, lower in programs(config, mesh):
     row = {"name": name, "images_per_step": images}
     try:
-      row |= analyse(lower(), len(devices))
+      row |= analyse(lower(), len(devices), request.get("heaviest", 10))
     except Exception as e:  # noqa: BLE001 - the compiler's error is the result
       row |= {"compiled": f"{type(e).__name__}: {e}"[:2000]} | out_of_memory(str(e))
     result["programs"].append(row)
