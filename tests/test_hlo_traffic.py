@@ -6,8 +6,9 @@ import pytest
 
 from fmcejax.tools import hlo_traffic
 
-# A TPU-style module: a parameter prefetched into VMEM (S(1)) and evicted back, a fusion reading
-# one HBM and one VMEM operand, a while loop of 3 trips around a fusion, an async all-reduce.
+# A TPU-style module: a parameter prefetched into VMEM (S(1)), half of another sliced into it, a
+# fusion reading one HBM and one VMEM operand, a while loop of 3 trips around a fusion, an async
+# all-reduce.
 HLO = """HloModule m
 
 %fused (p0: bf16[16,64], p1: f32[8]) -> bf16[16,64] {
@@ -34,6 +35,8 @@ ENTRY %main (a: bf16[16,64], b: f32[8], w: (s32[], f32[4,4])) -> bf16[16,64] {
   %w = (s32[], f32[4,4]{1,0}) parameter(2)
   %cs = (f32[8]{0:T(128)S(1)}, f32[8]{0:T(128)}, u32[]{:S(2)}) copy-start(%b)
   %cd = f32[8]{0:T(128)S(1)} copy-done(%cs)
+  %ss = ((bf16[16,64]{1,0:T(8,128)(2,1)}), bf16[8,64]{1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%a), slice={[0:8], [0:64]}
+  %sd = bf16[8,64]{1,0:T(8,128)(2,1)S(1)} slice-done(%ss)
   %f = bf16[16,64]{1,0:T(8,128)(2,1)} fusion(%a, %cd), kind=kOutput, calls=%fused, metadata={op_name="jit(f)/net/conv"}
   %loop = (s32[], f32[4,4]{1,0}) while(%w), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %x0 = f32[4,4]{1,0} get-tuple-element(%loop), index=1
@@ -56,10 +59,11 @@ def test_array_bytes_pads_tpu_tiles_and_skips_on_chip_memory():
 
 def test_kernels_count_each_kernel_once_with_loops_and_async_pairs():
   by_name = {k.name: k for k in hlo_traffic.kernels(HLO)}
-  assert set(by_name) == {"cs", "cd", "f", "y", "ars", "ard", "out"}
+  assert set(by_name) == {"cs", "cd", "ss", "sd", "f", "y", "ars", "ard", "out"}
   tile = 16 * 128 * 2  # bf16[16,64] padded to 128 lanes
   assert by_name["cs"].bytes == 128 * 4  # reads b from HBM (padded to 128); writes VMEM
   assert by_name["cd"].bytes == 0  # lands in VMEM
+  assert by_name["ss"].bytes == tile / 2 and by_name["sd"].bytes == 0  # reads its half only
   assert by_name["f"].bytes == 2 * tile  # reads a, writes f; the VMEM operand is free
   assert by_name["f"].opcode == "kOutput" and by_name["f"].op_name == "jit(f)/net/conv"
   assert by_name["y"].bytes == 3 * (64 + 64)  # 3 trips of a 4x4 f32 read and write

@@ -73,6 +73,12 @@ def shape_bytes(shape: str, skip_scratch: bool = False) -> float:
   return sum(array_bytes(*a) for a in arrays)
 
 
+def _moved(shape: str) -> str:
+  """The array a copy-start ((dst, src, ctx)) or slice-start (((src), dst, ctx)) moves: the
+  second-last array of its tuple, as if in HBM (a slice moves its size, not its source's)."""
+  return re.sub(r"S\(\d+\)", "", [m.group(0) for m in _ARRAY.finditer(shape)][-2])
+
+
 def _split_definition(rest: str) -> tuple[str, str, str, str]:
   """'SHAPE opcode(operands), attrs' -> (shape, opcode, operands, attrs)."""
   if rest.startswith("("):
@@ -132,8 +138,11 @@ def kernels(hlo: str) -> list[Kernel]:
       if opcode in _NO_KERNEL:
         continue
       reads = 0.0
-      if not opcode.endswith("-done"):  # an async pair: operands at its start, result at its end
-        reads = sum(shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
+      sources = [shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands)]
+      if opcode in ("copy-start", "slice-start"):  # reads what it moves, from HBM
+        reads = shape_bytes(_moved(shape)) if sources and shape_bytes(sources[0]) else 0.0
+      elif not opcode.endswith("-done"):  # an async pair: operands at its start, result at its end
+        reads = sum(shape_bytes(s) for s in sources)
       writes = 0.0 if opcode.endswith("-start") else shape_bytes(shape, opcode == "custom-call")
       label = opcode
       if opcode == "fusion" and (k := _KIND.search(attrs)):
