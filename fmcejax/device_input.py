@@ -205,8 +205,13 @@ class StepScan:
       raise ValueError(
         f"n must lie in [1, {self.data.steps_per_epoch}] (steps per epoch), got {n}."
       )
-    if n in self._programs:
-      return
+    if n not in self._programs:
+      self._programs[n] = self.program(n).lower(*self._args(state, 0, head_variables)).compile()
+
+  def program(self, n: int) -> Any:
+    """The jitted program of n steps, nothing lowered: `compile` lowers it on the live split,
+    preflight on abstract arrays of the target's devices. Its arguments: (state, images, labels,
+    order, seed, step, head_variables)."""
     select = _select_fn(self.data.mesh, self.data.global_batch, self.data.augment)
 
     def steps_from(state, images, labels, order, seed, step, head_variables):
@@ -217,13 +222,12 @@ class StepScan:
       return jax.lax.scan(body, state, jnp.arange(n))
 
     repl = parallel.replicated(self.data.mesh)
-    jitted = jax.jit(
+    return jax.jit(
       steps_from,
       out_shardings=(repl, repl),
       donate_argnums=0,
       compiler_options=self.compiler_options,
     )
-    self._programs[n] = jitted.lower(*self._args(state, 0, head_variables)).compile()
 
   def __call__(self, state: Any, step: int, n: int, head_variables: Any = None) -> tuple[Any, Any]:
     index = step % self.data.steps_per_epoch

@@ -225,7 +225,9 @@ def installed(distribution: str) -> bool:
 def define_flags() -> None:
   flags.DEFINE_string("target", None, preflight_targets.ACCEPTED)
   flags.DEFINE_string("out", "./preflight", "where preflight.json goes")
-  flags.DEFINE_integer("kernels", 0, "also print each program's N kernels that move the most bytes", lower_bound=0)
+  flags.DEFINE_integer(
+    "kernels", 0, "also print each program's N kernels that move the most bytes", lower_bound=0
+  )
 
 
 PREFLIGHT = cli.Command(

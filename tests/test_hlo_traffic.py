@@ -7,8 +7,8 @@ import pytest
 from fmcejax.tools import hlo_traffic
 
 # A TPU-style module: a parameter prefetched into VMEM (S(1)), half of another sliced into it, a
-# fusion reading one HBM and one VMEM operand, a while loop of 3 trips around a fusion, an async
-# all-reduce.
+# fusion reading one HBM and one VMEM operand, a gather of 2 rows from a 1000-row parameter, a
+# while loop of 3 trips around a fusion, an async all-reduce.
 HLO = """HloModule m
 
 %fused (p0: bf16[16,64], p1: f32[8]) -> bf16[16,64] {
@@ -24,15 +24,24 @@ HLO = """HloModule m
   ROOT %t = (s32[], f32[4,4]{1,0}) tuple(%i, %y)
 }
 
+%gathered (p0: f32[1000,4], p1: s32[2]) -> f32[2,4] {
+  %p0 = f32[1000,4]{1,0} parameter(0)
+  %p1 = s32[2]{0} parameter(1)
+  ROOT %rows = f32[2,4]{1,0} gather(%p0, %p1), offset_dims={1}, slice_sizes={1,4}
+}
+
 %cond (s: (s32[], f32[4,4])) -> pred[] {
   %s = (s32[], f32[4,4]{1,0}) parameter(0)
   ROOT %c = pred[] constant(true)
 }
 
-ENTRY %main (a: bf16[16,64], b: f32[8], w: (s32[], f32[4,4])) -> bf16[16,64] {
+ENTRY %main (a: bf16[16,64], b: f32[8], w: (s32[], f32[4,4]), d: f32[1000,4], i: s32[2]) -> bf16[16,64] {
   %a = bf16[16,64]{1,0:T(8,128)(2,1)} parameter(0)
   %b = f32[8]{0:T(128)} parameter(1)
   %w = (s32[], f32[4,4]{1,0}) parameter(2)
+  %d = f32[1000,4]{1,0} parameter(3)
+  %i = s32[2]{0} parameter(4)
+  %g = f32[2,4]{1,0} fusion(%d, %i), kind=kLoop, calls=%gathered
   %cs = (f32[8]{0:T(128)S(1)}, f32[8]{0:T(128)}, u32[]{:S(2)}) copy-start(%b)
   %cd = f32[8]{0:T(128)S(1)} copy-done(%cs)
   %ss = ((bf16[16,64]{1,0:T(8,128)(2,1)}), bf16[8,64]{1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%a), slice={[0:8], [0:64]}
@@ -57,16 +66,17 @@ def test_array_bytes_pads_tpu_tiles_and_skips_on_chip_memory():
   assert hlo_traffic.shape_bytes("(f32[2]{0}, u8[100]{0})", skip_scratch=True) == 8
 
 
-def test_kernels_count_each_kernel_once_with_loops_and_async_pairs():
+def test_kernels_count_loops_per_trip_async_pairs_once_and_gathers_by_rows():
   by_name = {k.name: k for k in hlo_traffic.kernels(HLO)}
-  assert set(by_name) == {"cs", "cd", "ss", "sd", "f", "y", "ars", "ard", "out"}
+  assert set(by_name) == {"cs", "cd", "ss", "sd", "g", "f", "y", "ars", "ard", "out"}
   tile = 16 * 128 * 2  # bf16[16,64] padded to 128 lanes
   assert by_name["cs"].bytes == 128 * 4  # reads b from HBM (padded to 128); writes VMEM
   assert by_name["cd"].bytes == 0  # lands in VMEM
   assert by_name["ss"].bytes == tile / 2 and by_name["sd"].bytes == 0  # reads its half only
   assert by_name["f"].bytes == 2 * tile  # reads a, writes f; the VMEM operand is free
   assert by_name["f"].opcode == "kOutput" and by_name["f"].op_name == "jit(f)/net/conv"
-  assert by_name["y"].bytes == 3 * (64 + 64)  # 3 trips of a 4x4 f32 read and write
+  assert by_name["y"].bytes == 64 + 64  # per trip: a 4x4 f32 read and written
+  assert by_name["g"].bytes == 32 + 8 + 32  # the 2 rows gathered (not the 1000), indices, result
   assert by_name["ars"].bytes == 64 and by_name["ard"].bytes == 64
   assert hlo_traffic.total_bytes(HLO) == sum(k.bytes for k in by_name.values())
   assert hlo_traffic.heaviest(HLO, 1)[0].name in {"f", "out"}

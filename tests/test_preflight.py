@@ -43,23 +43,26 @@ def preflight(tmp_path, target, *overrides, config="mnist_cnn"):
 
 @needs_compilers
 @pytest.mark.parametrize(
-  "target,devices,processes,config",
+  "target,devices,processes,config,scan",
   [
-    ("v5e:2x2", 4, 1, "mnist_cnn"),
-    ("v5e:4x4", 16, 4, "mnist_cnn"),  # a pod slice: 4 hosts (eval batch 1024 over 16 chips)
-    ("h100:8", 8, 1, "mnist_cnn"),
-    ("h100:2x4", 8, 2, "mnist_cnn"),  # two GPU hosts
+    ("v5e:2x2", 4, 1, "mnist_cnn", 1),
+    # a pod slice: 4 hosts (eval batch 1024 over 16 chips), 10 steps per dispatch
+    ("v5e:4x4", 16, 4, "mnist_cnn", 10),
+    ("h100:8", 8, 1, "mnist_cnn", 1),
+    ("h100:2x4", 8, 2, "mnist_cnn", 10),  # two GPU hosts
     # ResNet-18 for a TPU took over 12 minutes on the loaded 2-core machine: GPU only here.
-    ("h100:8", 8, 1, "mnist_resnet18"),
+    ("h100:8", 8, 1, "mnist_resnet18", 1),
   ],
 )
-def test_train_steps_compile_and_fit(tmp_path, target, devices, processes, config):
+def test_train_steps_compile_and_fit(tmp_path, target, devices, processes, config, scan):
   proc, report = preflight(
     tmp_path,
     target,
     "--config.stages=baseline,fmcenetpp",
     "--config.seeds=1",
     "--config.eval_batch_size=1024",
+    f"--config.steps_per_dispatch={scan}",
+    "--kernels=3",
     config=config,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -70,7 +73,10 @@ def test_train_steps_compile_and_fit(tmp_path, target, devices, processes, confi
     assert p["compiled"] is True and p["fits"], p
     assert not p["cpu_lowering_in_program"], p["name"]
     assert p["flops_per_step"] > 0 and p["roofline_images_per_second"] > 0
+    heaviest = [k["bytes"] for k in p["heaviest_kernels"]]
+    assert p["bytes_per_step"] >= sum(heaviest) > 0 and heaviest == sorted(heaviest, reverse=True)
   for name in TRAIN_PROGRAMS:
+    assert programs[name]["steps_per_call"] == scan  # the scan `train` dispatches
     # BatchNorm's batch means in the forward pass, then the gradients: at least two all-reduces.
     assert programs[name]["collectives"]["count"] >= 2, programs[name]
   assert report["pipeline_seconds_roofline"] > 0
@@ -101,6 +107,25 @@ def test_a_program_that_does_not_fit_exits_1_naming_the_batch_that_would(tmp_pat
 def test_unknown_target_exits_2(tmp_path):
   proc, _ = preflight(tmp_path, "v9z:2")
   assert proc.returncode == 2 and "--target" in proc.stderr and "h100:8" in proc.stderr
+
+
+def test_a_scan_of_steps_is_costed_per_step_like_one_step():
+  """Steps per dispatch > 1 compiles `lax.scan` of the step (as `train` runs it); its FLOPs and
+  bytes are per step, within the scan's own overhead of the single step's (CPU compiler)."""
+  from fmcejax import parallel
+  from fmcejax.configs import mnist_cnn
+  from fmcejax.tools import preflight_compile
+
+  mesh = parallel.make_mesh()
+  rows = {}
+  for k in (1, 4):
+    config = mnist_cnn.get_config()
+    config.stages, config.steps_per_dispatch = "baseline", k
+    ((name, _, steps, lower),) = preflight_compile.programs(config, mesh)[:1]
+    assert (name, steps) == ("train_step", k)
+    rows[k] = preflight_compile.analyse(lower(), mesh.size)
+  assert rows[4]["flops_per_step"] == pytest.approx(rows[1]["flops_per_step"], rel=0.02)
+  assert rows[4]["bytes_per_step"] == pytest.approx(rows[1]["bytes_per_step"], rel=0.1)
 
 
 def test_train_checks_memory_per_program_before_it_trains():

@@ -22,9 +22,10 @@ _BYTES |= {"f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"([a-z]\w*)\[([\d,]*)\](?:\{([^}]*)\})?")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-_CALLED = re.compile(r"\b(?:body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_CALLED = re.compile(
+  r"\b(?:body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+)
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _KIND = re.compile(r"\bkind=(\w+)")
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
@@ -35,13 +36,14 @@ _NO_KERNEL = {
   "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain",
 }  # fmt: skip
 _CONTROL = {"while", "conditional", "call"}
+_SLICING = {"slice", "dynamic-slice", "gather"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
   name: str
   opcode: str  # fusion kind (kLoop, kOutput, ...), custom-call target, or the HLO opcode
-  bytes: float  # HBM bytes read and written, times the enclosing loops' trip counts
+  bytes: float  # HBM bytes read and written (in a loop: per iteration)
   op_name: str  # the JAX source the kernel came from (its metadata), "" if none
 
 
@@ -115,34 +117,68 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
   return comps, entry
 
 
+def _parsed(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
+  """(name, shape, opcode, operand names, attributes) of each instruction; a parameter's
+  attributes are its number."""
+  out = []
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    shape, opcode, operands, attrs = _split_definition(line[m.end() :])
+    if opcode == "parameter":  # its number, in place of attributes
+      attrs = operands
+    out.append((m.group(1), shape, opcode, re.findall(r"%([\w.\-]+)", operands), attrs))
+  return out
+
+
+def _sliced_params(fused: list[tuple[str, str, str, list[str], str]]) -> dict[int, str]:
+  """{parameter number: what is read of it} for each parameter of a fused computation that is
+  only sliced or gathered from (e.g. a batch gathered from a dataset held in HBM): the shape of
+  its one slicing user's result."""
+  out = {}
+  for name, _, opcode, _, attrs in fused:
+    if opcode != "parameter":
+      continue
+    users = [(op, shape, args) for _, shape, op, args, _ in fused if name in args]
+    if len(users) == 1 and users[0][0] in _SLICING and users[0][2][0] == name:
+      out[int(attrs)] = users[0][1]
+  return out
+
+
 def kernels(hlo: str) -> list[Kernel]:
-  """Every kernel the optimized module `hlo` launches per call, with its HBM bytes."""
+  """Every kernel the optimized module `hlo` launches per call, with its HBM bytes. A loop's body
+  counts once: per iteration (a `lax.scan` of train steps: per step)."""
   comps, entry = _computations(hlo)
+  parsed = {name: _parsed(lines) for name, lines in comps.items()}
   out: list[Kernel] = []
 
-  def walk(name: str, repeat: int) -> None:
+  def walk(name: str) -> None:
     shapes: dict[str, str] = {}
-    for line in comps.get(name, []):
-      m = _INSTRUCTION.match(line)
-      shape, opcode, operands, attrs = _split_definition(line[m.end() :])
-      shapes[m.group(1)] = shape
+    for inst, shape, opcode, operands, attrs in parsed.get(name, []):
+      shapes[inst] = shape
       if opcode in _CONTROL:
-        trips = _TRIP_COUNT.search(attrs)
-        n = repeat * (int(trips.group(1)) if trips else 1)
         called = _CALLED.findall(attrs)
         for branches in _BRANCHES.findall(attrs):
           called += re.findall(r"%([\w.\-]+)", branches)
         for c in called:
-          walk(c, n)
+          walk(c)
         continue
       if opcode in _NO_KERNEL:
         continue
-      reads = 0.0
-      sources = [shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands)]
+      sources = [shapes.get(o, "") for o in operands]
       if opcode in ("copy-start", "slice-start"):  # reads what it moves, from HBM
         reads = shape_bytes(_moved(shape)) if sources and shape_bytes(sources[0]) else 0.0
-      elif not opcode.endswith("-done"):  # an async pair: operands at its start, result at its end
-        reads = sum(shape_bytes(s) for s in sources)
+      elif opcode.endswith("-done"):  # an async pair: operands at its start, result at its end
+        reads = 0.0
+      else:
+        sliced = {}
+        if opcode in _SLICING:
+          sliced = {0: shape}
+        elif opcode == "fusion" and (c := re.search(r"\bcalls=%([\w.\-]+)", attrs)):
+          sliced = _sliced_params(parsed.get(c.group(1), []))
+        reads = sum(
+          shape_bytes(sliced[i]) if i in sliced and shape_bytes(src) else shape_bytes(src)
+          for i, src in enumerate(sources)
+        )
       writes = 0.0 if opcode.endswith("-start") else shape_bytes(shape, opcode == "custom-call")
       label = opcode
       if opcode == "fusion" and (k := _KIND.search(attrs)):
@@ -150,11 +186,9 @@ def kernels(hlo: str) -> list[Kernel]:
       elif opcode == "custom-call" and (t := _CUSTOM_TARGET.search(attrs)):
         label = t.group(1)
       op_name = _OP_NAME.search(attrs)
-      out.append(
-        Kernel(m.group(1), label, repeat * (reads + writes), op_name.group(1) if op_name else "")
-      )
+      out.append(Kernel(inst, label, reads + writes, op_name.group(1) if op_name else ""))
 
-  walk(entry, 1)
+  walk(entry)
   return out
 
 

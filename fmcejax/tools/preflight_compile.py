@@ -28,8 +28,10 @@ from fmcejax import (
   config_lib,
   cpu_lowering,
   datasets,
+  device_input,
   fmce_net,
   fmcs_data,
+  input_pipeline,
   parallel,
   pipeline,
   steps,
@@ -73,9 +75,10 @@ def _batch(mesh, n: int, shape: tuple[int, ...], dtype: Any, mask: bool = False)
   return batch
 
 
-def programs(config: ml_collections.ConfigDict, mesh) -> list[tuple[str, int, Callable]]:
-  """(name, global images per step, lower) of every program the config's stages run; `lower()`
-  returns the `jax.stages.Lowered` program, nothing compiled yet."""
+def programs(config: ml_collections.ConfigDict, mesh) -> list[tuple[str, int, int, Callable]]:
+  """(name, global images per step, steps per call, lower) of every program the config's stages
+  run; `lower()` returns the `jax.stages.Lowered` program, nothing compiled yet. The train steps
+  are `lax.scan`s of several when `trainer.fit` would dispatch them so."""
   info = datasets.DATASET_INFO[config.dataset]
   pipe = pipeline.Pipeline(config, ".", mesh=mesh, info=info)
   stages = config_lib.parse_stages(config.stages)
@@ -109,25 +112,31 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[tuple[str, int, Ca
   train_batch = _batch(mesh, config.batch_size, info.image_shape, jnp.uint8)
   eval_batch = _batch(mesh, config.eval_batch_size, info.image_shape, jnp.uint8, mask=True)
 
+  scan = _scan_length(config, info)
+
   def train_step(with_head: bool):
-    fn = trainer.jit_train_step(
-      mesh,
-      preprocess=pipe.preprocess(),
-      head=head if with_head else None,
-      loss=recipe["loss"],
-      compiler_options=copts,
-    )
-    return lambda: fn.lower(state, train_batch, rng, head_vars if with_head else None)
+    kwargs = {"preprocess": pipe.preprocess(), "head": head if with_head else None}
+    kwargs |= {"loss": recipe["loss"]}
+    head_args = head_vars if with_head else None
+    if scan > 1:
+      return _scanned_steps(config, info, mesh, scan, state, head_args, **kwargs)
+    fn = trainer.jit_train_step(mesh, compiler_options=copts, **kwargs)
+    return lambda: fn.lower(state, train_batch, rng, head_args)
 
   out = []
   if {"probe", "baseline"} & set(stages):
-    out.append(("train_step", config.batch_size, train_step(False)))
+    out.append(("train_step", config.batch_size, scan, train_step(False)))
   if "fmcenetpp" in stages:
-    out.append(("train_step_ral", config.batch_size, train_step(True)))
+    out.append(("train_step_ral", config.batch_size, scan, train_step(True)))
   if {"probe", "baseline", "fmcenetpp"} & set(stages):
     evaluate = trainer.jit_eval_step(mesh, preprocess=pipe.preprocess(), head=head)
     out.append(
-      ("eval_step", config.eval_batch_size, lambda: evaluate.lower((state, head_vars), eval_batch))
+      (
+        "eval_step",
+        config.eval_batch_size,
+        1,
+        lambda: evaluate.lower((state, head_vars), eval_batch),
+      )
     )
   if "fmcs_data" in stages:
     extract = fmcs_data.jit_extract(
@@ -135,17 +144,57 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[tuple[str, int, Ca
     )
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     out.append(
-      ("fmcs_extraction", config.eval_batch_size, lambda: extract.lower(variables, eval_batch))
+      ("fmcs_extraction", config.eval_batch_size, 1, lambda: extract.lower(variables, eval_batch))
     )
   if "fmce_net" in stages:
     out.append(
       (
         "fmce_net_train_step",
         config.fmce_net.batch_size,
+        1,
         _fmce_net_step(config, mesh, features, rng),
       )
     )
   return out
+
+
+def _scan_length(config: ml_collections.ConfigDict, info: datasets.DatasetInfo) -> int:
+  """Steps per dispatch as `trainer.fit` runs them: the config's, when the split is held on the
+  devices (else one), at most an epoch."""
+  limit = config.train_examples_limit
+  if config.steps_per_dispatch < 2 or not device_input.use_device_input(
+    config.input_on_device, info, limit
+  ):
+    return 1
+  return min(
+    config.steps_per_dispatch, input_pipeline.steps_per_epoch(info, config.batch_size, limit)
+  )
+
+
+def _scanned_steps(config, info, mesh, n: int, state, head_variables, **step_kwargs) -> Callable:
+  """`DeviceBatches.scan_steps`' program of n steps over the training split held on the
+  target's devices (abstract: shapes only)."""
+  repl = parallel.replicated(mesh)
+  examples = input_pipeline.num_examples(info, "train", config.train_examples_limit)
+  spe = input_pipeline.steps_per_epoch(info, config.batch_size, config.train_examples_limit)
+  data = device_input.DeviceBatches(
+    images=jax.ShapeDtypeStruct((examples, *info.image_shape), jnp.uint8, sharding=repl),
+    labels=jax.ShapeDtypeStruct((examples,), jnp.int32, sharding=repl),
+    global_batch=config.batch_size,
+    steps_per_epoch=spe,
+    epochs=config.epochs,
+    seed=0,
+    augment={"auto": info.augment, "on": True, "off": False}[config.augment],
+    mesh=mesh,
+  )
+  step_fn = functools.partial(steps.train_step, **step_kwargs)
+  program = data.scan_steps(step_fn, jax.random.PRNGKey(0), parallel.compiler_options(mesh))
+  program = program.program(n)
+  order = jax.ShapeDtypeStruct((spe * config.batch_size,), jnp.int32, sharding=repl)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+  return lambda: program.lower(
+    state, data.images, data.labels, order, scalar, scalar, head_variables
+  )
 
 
 def _fmce_net_step(config, mesh, features: tuple[int, ...], rng) -> Callable:
@@ -198,7 +247,8 @@ def analyse(lowered: Any, devices: int, heaviest: int = 10) -> dict[str, Any]:
   """Compiles `lowered`; its memory, FLOPs and HBM bytes per chip (`hlo_traffic`'s count over
   the kernels; the compiler's own `bytes accessed` beside it where it gives one: on TPU it also
   counts on-chip VMEM traffic), the `heaviest` kernels by bytes, collectives, and whether any op
-  still carries the CPU lowering's scope."""
+  still carries the CPU lowering's scope. The compilers and `hlo_traffic` count a loop's body
+  once, so the figures of a `lax.scan` of train steps are per step."""
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   memory = {
@@ -221,7 +271,9 @@ def analyse(lowered: Any, devices: int, heaviest: int = 10) -> dict[str, Any]:
     "memory_bytes": memory,
     "flops_per_step": float(flops) if flops else None,
     "bytes_per_step": sum(k.bytes for k in kernels),
-    "compiler_bytes_accessed": float(cost["bytes accessed"]) if cost.get("bytes accessed") else None,
+    "compiler_bytes_accessed": float(cost["bytes accessed"])
+    if cost.get("bytes accessed")
+    else None,
     "kernels": len(kernels),
     "heaviest_kernels": [
       dataclasses.asdict(k) for k in sorted(kernels, key=lambda k: -k.bytes)[:heaviest]
@@ -267,7 +319,7 @@ def check_memory(config: ml_collections.ConfigDict, mesh, hbm_bytes: int | None 
     hbm_bytes = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
     if not hbm_bytes:
       return
-  for name, images, lower in programs(config, mesh):
+  for name, images, _, lower in programs(config, mesh):
     try:
       memory = analyse(lower(), mesh.size)["memory_bytes"]
     except jax.errors.JaxRuntimeError as e:  # TPUs refuse to compile what does not fit
@@ -303,8 +355,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     return result | {"config_error": str(e)}
   mesh = parallel.make_mesh(devices)
   result["programs"] = []
-  for name, images, lower in programs(config, mesh):
-    row = {"name": name, "images_per_step": images}
+  for name, images, n, lower in programs(config, mesh):
+    row = {"name": name, "images_per_step": images, "steps_per_call": n}
     try:
       row |= analyse(lower(), len(devices), request.get("heaviest", 10))
     except Exception as e:  # noqa: BLE001 - the compiler's error is the result
