@@ -25,6 +25,7 @@ from typing import Any
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from fmcejax import cli, config_lib
 from fmcejax.tools import preflight_targets
@@ -181,7 +182,11 @@ def verdict(report: dict[str, Any], config: ml_collections.ConfigDict) -> list[s
 
 
 def run(
-  target: preflight_targets.Target, config: ml_collections.ConfigDict, out: str, kernels: int = 0
+  target: preflight_targets.Target,
+  config: ml_collections.ConfigDict,
+  out: str,
+  kernels: int = 0,
+  name: str = "",
 ) -> int:
   from fmcejax import workdir
 
@@ -194,6 +199,7 @@ def run(
   for row in child["programs"]:
     rates(row, chip, child["devices"])
   report = {
+    "config": name,
     "target": target.spec,
     "chip": dataclasses.asdict(chip) if chip else None,
     "devices": child["devices"],
@@ -263,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     return cli.fail(
       f"--target={target.spec} needs the {compiler} compiler, not installed here: {INSTALL}"
     )
-  return run(target, config, flags.FLAGS.out, flags.FLAGS.kernels)
+  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))
+  return run(target, config, flags.FLAGS.out, flags.FLAGS.kernels, name[0])
 
 
 if __name__ == "__main__":

@@ -103,6 +103,17 @@ def test_a_program_that_does_not_fit_exits_1_naming_the_batch_that_would(tmp_pat
   assert "program fmcs_extraction needs" in proc.stderr and "would fit" in proc.stderr
 
 
+def test_local_target_compiles_for_this_machines_devices(tmp_path):
+  """`--target local` (on the machine that will run): this CPU's devices, no chip figures."""
+  proc, report = preflight(tmp_path, "local", "--config.stages=baseline", "--config.seeds=1")
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert report["chip"] is None and report["devices"] >= 1
+  assert [p["name"] for p in report["programs"]] == ["train_step", "eval_step"]
+  for p in report["programs"]:
+    assert p["compiled"] is True and p["fits"] and p["roofline_seconds_per_step"] is None
+  assert "unknown chip" in proc.stdout and "whole pipeline: unknown" in proc.stdout
+
+
 @needs_compilers
 def test_unknown_target_exits_2(tmp_path):
   proc, _ = preflight(tmp_path, "v9z:2")
@@ -141,3 +152,26 @@ def test_train_checks_memory_per_program_before_it_trains():
   with pytest.raises(config_lib.ConfigError, match="per device") as e:
     preflight_compile.check_memory(config, mesh, hbm_bytes=2**20)
   assert e.value.field == "batch_size" and "Program train_step needs" in str(e.value)
+
+
+def test_table_row_reads_per_image_figures_and_the_mfu_bound():
+  from fmcejax.tools import preflight_table
+
+  report = {
+    "target": "v5e:2x4",
+    "devices": 8,
+    "chip": {"hbm_bytes": 16 * 2**30, "peak_flops": 1e15},
+    "pipeline_seconds_roofline": 5400.0,
+    "programs": [
+      {"name": "train_step", "compiled": True, "fits": True, "images_per_step": 128,
+       "memory_bytes": {"total": 2**30}, "flops_per_step": 2e12, "bytes_per_step": 1.6e8,
+       "roofline_seconds_per_step": 4e-3, "roofline_images_per_second": 4000.0},
+      {"name": "eval_step", "compiled": False, "fits": False, "images_per_step": 1024},
+    ],
+  }  # fmt: skip
+  line = preflight_table.row("cifar10_resnet50", report)
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[:3] == ["cifar10_resnet50", "v5e:2x4", "16"]
+  assert cells[3] == "1.00 GiB of 16 (does not compile or fit: eval_step)"
+  # 2e12 FLOP and 160 MB per step of 16 images; 2 ms of math in a 4 ms roofline step
+  assert cells[4:] == ["125.00", "10.0", "4,000", "50%", "1.5 h"]
