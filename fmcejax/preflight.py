@@ -39,29 +39,61 @@ NOTE = (
 
 
 def compile_in_child(
-  target: preflight_targets.Target, config: ml_collections.ConfigDict, heaviest: int = 10
+  target: preflight_targets.Target,
+  config: ml_collections.ConfigDict,
+  heaviest: int = 10,
+  module: str = "fmcejax.tools.preflight_compile",
 ) -> dict:
-  """`preflight_compile.run` in a child process with the compilers' own environment; its stderr
-  (the compilers' start-up noise) is shown only when it fails."""
+  """`preflight_compile.run` in a child process with the compilers' own environment, its output
+  (the compilers' start-up noise) shown only when it fails. A compiler that kills the child (a
+  crash, not an error it reports) fails only the program it was compiling: that program's row
+  says so and a new child compiles the rest."""
   env = dict(os.environ, FMCEJAX_COMPILERS="1")
   if target.kind != "local":
     # No TPU to claim: several compiling processes (tests, other users) may load libtpu at once.
     env |= {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  header: dict[str, Any] = {}
+  rows: list[dict[str, Any]] = []
   with tempfile.TemporaryDirectory() as tmp:
-    request, result = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
-    with open(request, "w") as f:
-      json.dump({"target": target.spec, "config": config.to_dict(), "heaviest": heaviest}, f)
-    proc = subprocess.run(
-      [sys.executable, "-m", "fmcejax.tools.preflight_compile", request, result],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    if proc.returncode or not os.path.exists(result):
-      raise RuntimeError(f"the compiling process failed:\n{proc.stdout[-4000:]}")
-    with open(result) as f:
-      return json.load(f)
+    request, records = os.path.join(tmp, "request.json"), os.path.join(tmp, "records.jsonl")
+    while True:
+      with open(request, "w") as f:
+        skip = [r["name"] for r in rows]
+        request_body = {"target": target.spec, "config": config.to_dict(), "skip": skip}
+        json.dump(request_body | {"heaviest": heaviest}, f)
+      open(records, "w").close()
+      proc = subprocess.run(
+        [sys.executable, "-m", module, request, records],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      compiling = None
+      with open(records) as f:
+        for record in map(json.loads, f):
+          if "program" in record:
+            rows.append(record["program"])
+            compiling = None
+          elif "compiling" in record:
+            compiling = record["compiling"]
+          else:
+            header = record
+      if not proc.returncode:
+        return header | {"programs": rows}
+      if compiling is None:  # died outside any compile: nothing to attribute it to
+        raise RuntimeError(f"the compiling process failed:\n{proc.stdout[-4000:]}")
+      rows.append({"name": compiling, "compiled": _crash(proc.returncode, proc.stdout)})
+
+
+def _crash(returncode: int, output: str) -> str:
+  """What a compiler that killed its process leaves to say: the signal and the last lines that
+  are not a stack frame."""
+  how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+  lines = [
+    line for line in output.splitlines() if line.strip() and not line.lstrip().startswith("@")
+  ]
+  return f"the compiler crashed ({how}): " + " | ".join(lines[-6:])[-1500:]
 
 
 def chip_of(target: preflight_targets.Target, device_kind: str) -> preflight_targets.Chip | None:

@@ -175,3 +175,21 @@ def test_table_row_reads_per_image_figures_and_the_mfu_bound():
   assert cells[3] == "1.00 GiB of 16 (does not compile or fit: eval_step)"
   # 2e12 FLOP and 160 MB per step of 16 images; 2 ms of math in a 4 ms roofline step
   assert cells[4:] == ["125.00", "10.0", "4,000", "50%", "1.5 h"]
+
+
+def test_a_compiler_that_kills_its_process_fails_only_that_program(monkeypatch):
+  """A compiler crash (not an error it reports) marks the program it was compiling, and a new
+  child compiles the rest: the report keeps every other program."""
+  from fmcejax.tools import preflight_targets
+  from fmcejax.configs import mnist_cnn
+
+  monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+  monkeypatch.setenv("CRASH_ON", "train_step_ral")
+  child = preflight_cli.compile_in_child(
+    preflight_targets.parse("v6e:2x4"), mnist_cnn.get_config(), module="crashing_compiler"
+  )
+  rows = {p["name"]: p["compiled"] for p in child["programs"]}
+  assert rows["train_step"] is True and rows["eval_step"] is True
+  assert rows["train_step_ral"].startswith("the compiler crashed (signal 11)")
+  assert "stack overflow" in rows["train_step_ral"] and "@ 0x7f" not in rows["train_step_ral"]
+  assert child["devices"] == 8

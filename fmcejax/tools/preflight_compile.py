@@ -339,39 +339,49 @@ def check_memory(config: ml_collections.ConfigDict, mesh, hbm_bytes: int | None 
       )
 
 
-def run(request: dict[str, Any]) -> dict[str, Any]:
+def run(request: dict[str, Any], log: Callable[[dict[str, Any]], None]) -> None:
   """Validates the config against the target's devices and processes, then compiles every
-  program; a ConfigError comes back as `config_error` before anything compiles."""
+  program not in `request["skip"]`. Each record goes to `log` as it is known: first the
+  target's `devices`, `processes`, `device_kind` (and `config_error` instead of compiling, for a
+  config that does not fit the target), then `{"compiling": name}` before each program and its
+  row after it, so that a compiler that kills the process is caught naming the program."""
   target = preflight_targets.parse(request["target"])
   config = ml_collections.ConfigDict(request["config"])
   devices = target_devices(target)
   processes = len({d.process_index for d in devices})
-  result = {"devices": len(devices), "processes": processes, "device_kind": devices[0].device_kind}
+  header = {"devices": len(devices), "processes": processes, "device_kind": devices[0].device_kind}
   try:
     config_lib.validate(
       config, device_count=len(devices), process_count=processes, check_data=False
     )
   except config_lib.ConfigError as e:
-    return result | {"config_error": str(e)}
+    log(header | {"config_error": str(e)})
+    return
+  log(header)
   mesh = parallel.make_mesh(devices)
-  result["programs"] = []
   for name, images, n, lower in programs(config, mesh):
+    if name in request.get("skip", ()):
+      continue
+    log({"compiling": name})
     row = {"name": name, "images_per_step": images, "steps_per_call": n}
     try:
       row |= analyse(lower(), len(devices), request.get("heaviest", 10))
     except Exception as e:  # noqa: BLE001 - the compiler's error is the result
       row |= {"compiled": f"{type(e).__name__}: {e}"[:2000]} | out_of_memory(str(e))
-    result["programs"].append(row)
-  return result
+    log({"program": row})
 
 
 def main(argv: list[str]) -> int:
-  """argv: [request.json, result.json]."""
+  """argv: [request.json, records.jsonl]: appends one JSON record per line, flushed."""
   with open(argv[1]) as f:
     request = json.load(f)
-  result = run(request)
-  with open(argv[2], "w") as f:
-    json.dump(result, f, indent=1)
+  with open(argv[2], "a") as out:
+
+    def log(record: dict[str, Any]) -> None:
+      out.write(json.dumps(record) + "\n")
+      out.flush()
+
+    run(request, log)
   return 0
 
 
