@@ -1,6 +1,9 @@
 """Training batches made on the devices, for splits that fit there (MNIST-type, CIFAR).
 
-The split (uint8 images, int32 labels) is placed on every device once (`parallel.replicate`).
+The split (uint8 images, int32 labels) is placed on every device once (`parallel.replicate`), each
+image as one flat row: [N, H * W * C] has no small minor dimension for a TPU to pad to 128 lanes,
+so no program relays the whole split out per dispatch (docs/BENCHMARKS.md); a batch's rows are
+reshaped to [B, H, W, C] after the gather.
 Each step's global batch is then one jitted gather, plus random crop (pad 4) and horizontal flip
 when augmenting, sharded over the mesh's batch axis: no per-step host work beyond dispatching it,
 and no host-to-device copy of pixels, unlike the grain host pipeline (`input_pipeline`), which
@@ -87,11 +90,14 @@ def _permutation_fn(mesh: Mesh, n: int, used: int):
   return jax.jit(permutation, out_shardings=parallel.replicated(mesh))
 
 
-def _select_fn(mesh: Mesh, global_batch: int, augment: bool) -> Callable[..., Batch]:
+def _select_fn(
+  mesh: Mesh, global_batch: int, augment: bool, image_shape: tuple[int, ...]
+) -> Callable[..., Batch]:
   """(images, labels, order, seed, step) -> the step's global batch, sharded over the mesh;
   traceable, for a jitted step to fuse.
 
-  `order` is the epoch's permutation; each device takes its `global_batch / devices` rows.
+  `images` are flat rows of `image_shape` images; `order` is the epoch's permutation; each
+  device takes its `global_batch / devices` rows.
   """
   local = global_batch // mesh.size
 
@@ -100,7 +106,7 @@ def _select_fn(mesh: Mesh, global_batch: int, augment: bool) -> Callable[..., Ba
     used = order.shape[0]
     first = (step * global_batch) % used + row0
     rows = jax.lax.dynamic_slice(order, (first,), (local,))
-    image, label = images[rows], labels[rows]
+    image, label = images[rows].reshape(local, *image_shape), labels[rows]
     if augment:
       positions = (step * global_batch + row0 + jnp.arange(local)).astype(jnp.uint32)
       keys = jax.vmap(jax.random.fold_in, (None, 0))(_stream_keys(seed)[1], positions)
@@ -113,9 +119,10 @@ def _select_fn(mesh: Mesh, global_batch: int, augment: bool) -> Callable[..., Ba
 
 
 @functools.cache
-def _batch_fn(mesh: Mesh, global_batch: int, augment: bool):
+def _batch_fn(mesh: Mesh, global_batch: int, augment: bool, image_shape: tuple[int, ...]):
   return jax.jit(
-    _select_fn(mesh, global_batch, augment), out_shardings=parallel.batch_sharding(mesh)
+    _select_fn(mesh, global_batch, augment, image_shape),
+    out_shardings=parallel.batch_sharding(mesh),
   )
 
 
@@ -127,7 +134,7 @@ class DeviceBatches:
   {"image": uint8 [B, H, W, C], "label": int32 [B]}, sharded over `mesh`, from batch `start`.
   """
 
-  images: jax.Array
+  images: jax.Array  # [N, prod(image_shape)] uint8: one flat row per image
   labels: jax.Array
   global_batch: int
   steps_per_epoch: int
@@ -135,6 +142,7 @@ class DeviceBatches:
   seed: int
   augment: bool
   mesh: Mesh
+  image_shape: tuple[int, ...]  # [H, W, C]
 
   def __len__(self) -> int:
     return self.epochs * self.steps_per_epoch
@@ -149,7 +157,7 @@ class DeviceBatches:
     batch overlaps the current step); one permutation per epoch."""
     if not 0 <= start <= len(self):
       raise ValueError(f"start must lie in [0, {len(self)}], got {start}.")
-    fn = _batch_fn(self.mesh, self.global_batch, self.augment)
+    fn = _batch_fn(self.mesh, self.global_batch, self.augment, self.image_shape)
     seed = np.int32(self.seed)
     order, current = None, -1
     for step in range(start, len(self)):
@@ -212,7 +220,8 @@ class StepScan:
     """The jitted program of n steps, nothing lowered: `compile` lowers it on the live split,
     preflight on abstract arrays of the target's devices. Its arguments: (state, images, labels,
     order, seed, step, head_variables)."""
-    select = _select_fn(self.data.mesh, self.data.global_batch, self.data.augment)
+    d = self.data
+    select = _select_fn(d.mesh, d.global_batch, d.augment, d.image_shape)
 
     def steps_from(state, images, labels, order, seed, step, head_variables):
       def body(state, i):
@@ -272,7 +281,8 @@ def train_batches(
   if global_batch % mesh.size:
     raise ValueError(f"global batch {global_batch} is not a multiple of the {mesh.size} devices.")
   spe = input_pipeline.steps_per_epoch(len(label), global_batch)
-  on_device = parallel.replicate({"image": image, "label": label.astype(np.int32)}, mesh)
+  rows = image.reshape(len(image), -1)
+  on_device = parallel.replicate({"image": rows, "label": label.astype(np.int32)}, mesh)
   return DeviceBatches(
     images=on_device["image"],
     labels=on_device["label"],
@@ -282,4 +292,5 @@ def train_batches(
     seed=seed,
     augment=bool(augment),
     mesh=mesh,
+    image_shape=tuple(image.shape[1:]),
   )

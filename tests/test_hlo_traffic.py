@@ -78,7 +78,11 @@ def test_kernels_count_loops_per_trip_async_pairs_once_and_gathers_by_rows():
   assert by_name["y"].bytes == 64 + 64  # per trip: a 4x4 f32 read and written
   assert by_name["g"].bytes == 32 + 8 + 32  # the 2 rows gathered (not the 1000), indices, result
   assert by_name["ars"].bytes == 64 and by_name["ard"].bytes == 64
-  assert hlo_traffic.total_bytes(HLO) == sum(k.bytes for k in by_name.values())
+  assert [k for k in by_name if by_name[k].in_loop] == ["y"]
+  rest = sum(k.bytes for k in by_name.values()) - by_name["y"].bytes
+  assert hlo_traffic.total_bytes(HLO) == by_name["y"].bytes + rest
+  # run twice per call, the loop's kernels count per iteration, the rest half
+  assert hlo_traffic.total_bytes(HLO, iterations=2) == by_name["y"].bytes + rest / 2
   assert hlo_traffic.heaviest(HLO, 1)[0].name in {"f", "out"}
 
 

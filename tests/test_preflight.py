@@ -134,7 +134,7 @@ def test_a_scan_of_steps_is_costed_per_step_like_one_step():
     config.stages, config.steps_per_dispatch = "baseline", k
     ((name, _, steps, lower),) = preflight_compile.programs(config, mesh)[:1]
     assert (name, steps) == ("train_step", k)
-    rows[k] = preflight_compile.analyse(lower(), mesh.size)
+    rows[k] = preflight_compile.analyse(lower(), mesh.size, steps=k)
   assert rows[4]["flops_per_step"] == pytest.approx(rows[1]["flops_per_step"], rel=0.02)
   assert rows[4]["bytes_per_step"] == pytest.approx(rows[1]["bytes_per_step"], rel=0.1)
 

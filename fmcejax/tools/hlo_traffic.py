@@ -45,6 +45,7 @@ class Kernel:
   opcode: str  # fusion kind (kLoop, kOutput, ...), custom-call target, or the HLO opcode
   bytes: float  # HBM bytes read and written (in a loop: per iteration)
   op_name: str  # the JAX source the kernel came from (its metadata), "" if none
+  in_loop: bool = False  # inside a while loop's body (a scan of train steps: once per step)
 
 
 def array_bytes(dtype: str, dims: str, layout: str | None) -> float:
@@ -151,7 +152,7 @@ def kernels(hlo: str) -> list[Kernel]:
   parsed = {name: _parsed(lines) for name, lines in comps.items()}
   out: list[Kernel] = []
 
-  def walk(name: str) -> None:
+  def walk(name: str, in_loop: bool) -> None:
     shapes: dict[str, str] = {}
     for inst, shape, opcode, operands, attrs in parsed.get(name, []):
       shapes[inst] = shape
@@ -160,7 +161,7 @@ def kernels(hlo: str) -> list[Kernel]:
         for branches in _BRANCHES.findall(attrs):
           called += re.findall(r"%([\w.\-]+)", branches)
         for c in called:
-          walk(c)
+          walk(c, in_loop or opcode == "while")
         continue
       if opcode in _NO_KERNEL:
         continue
@@ -186,9 +187,9 @@ def kernels(hlo: str) -> list[Kernel]:
       elif opcode == "custom-call" and (t := _CUSTOM_TARGET.search(attrs)):
         label = t.group(1)
       op_name = _OP_NAME.search(attrs)
-      out.append(Kernel(inst, label, reads + writes, op_name.group(1) if op_name else ""))
+      out.append(Kernel(inst, label, reads + writes, op_name.group(1) if op_name else "", in_loop))
 
-  walk(entry)
+  walk(entry, False)
   return out
 
 
@@ -197,5 +198,11 @@ def heaviest(hlo: str, n: int = 10) -> list[Kernel]:
   return sorted(kernels(hlo), key=lambda k: -k.bytes)[:n]
 
 
-def total_bytes(hlo: str) -> float:
-  return sum(k.bytes for k in kernels(hlo))
+def total_bytes(hlo: str, iterations: int = 1) -> float:
+  """Bytes per iteration of a program that runs its loop `iterations` times per call: the loop's
+  kernels, plus the rest shared over the iterations."""
+  return per_iteration(kernels(hlo), iterations)
+
+
+def per_iteration(ks: list[Kernel], iterations: int = 1) -> float:
+  return sum(k.bytes if k.in_loop else k.bytes / iterations for k in ks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -178,7 +179,7 @@ def _scanned_steps(config, info, mesh, n: int, state, head_variables, **step_kwa
   examples = input_pipeline.num_examples(info, "train", config.train_examples_limit)
   spe = input_pipeline.steps_per_epoch(info, config.batch_size, config.train_examples_limit)
   data = device_input.DeviceBatches(
-    images=jax.ShapeDtypeStruct((examples, *info.image_shape), jnp.uint8, sharding=repl),
+    images=jax.ShapeDtypeStruct((examples, math.prod(info.image_shape)), jnp.uint8, sharding=repl),
     labels=jax.ShapeDtypeStruct((examples,), jnp.int32, sharding=repl),
     global_batch=config.batch_size,
     steps_per_epoch=spe,
@@ -186,6 +187,7 @@ def _scanned_steps(config, info, mesh, n: int, state, head_variables, **step_kwa
     seed=0,
     augment={"auto": info.augment, "on": True, "off": False}[config.augment],
     mesh=mesh,
+    image_shape=tuple(info.image_shape),
   )
   step_fn = functools.partial(steps.train_step, **step_kwargs)
   program = data.scan_steps(step_fn, jax.random.PRNGKey(0), parallel.compiler_options(mesh))
@@ -243,12 +245,12 @@ def unpartitioned_flops(lowered: Any) -> float | None:
   return _jax.hlo_module_cost_analysis(jax.extend.backend.get_backend("cpu"), module).get("flops")
 
 
-def analyse(lowered: Any, devices: int, heaviest: int = 10) -> dict[str, Any]:
+def analyse(lowered: Any, devices: int, heaviest: int = 10, steps: int = 1) -> dict[str, Any]:
   """Compiles `lowered`; its memory, FLOPs and HBM bytes per chip (`hlo_traffic`'s count over
   the kernels; the compiler's own `bytes accessed` beside it where it gives one: on TPU it also
   counts on-chip VMEM traffic), the `heaviest` kernels by bytes, collectives, and whether any op
-  still carries the CPU lowering's scope. The compilers and `hlo_traffic` count a loop's body
-  once, so the figures of a `lax.scan` of train steps are per step."""
+  still carries the CPU lowering's scope. For a `lax.scan` of `steps` train steps the figures
+  are per step: the compilers count a loop's body once, and the bytes outside it count 1/steps."""
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   memory = {
@@ -270,7 +272,7 @@ def analyse(lowered: Any, devices: int, heaviest: int = 10) -> dict[str, Any]:
     "compiled": True,
     "memory_bytes": memory,
     "flops_per_step": float(flops) if flops else None,
-    "bytes_per_step": sum(k.bytes for k in kernels),
+    "bytes_per_step": hlo_traffic.per_iteration(kernels, steps),
     "compiler_bytes_accessed": float(cost["bytes accessed"])
     if cost.get("bytes accessed")
     else None,
@@ -365,7 +367,7 @@ def run(request: dict[str, Any], log: Callable[[dict[str, Any]], None]) -> None:
     log({"compiling": name})
     row = {"name": name, "images_per_step": images, "steps_per_call": n}
     try:
-      row |= analyse(lower(), len(devices), request.get("heaviest", 10))
+      row |= analyse(lower(), len(devices), request.get("heaviest", 10), n)
     except Exception as e:  # noqa: BLE001 - the compiler's error is the result
       row |= {"compiled": f"{type(e).__name__}: {e}"[:2000]} | out_of_memory(str(e))
     log({"program": row})
