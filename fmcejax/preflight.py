@@ -194,7 +194,10 @@ def table(report: dict[str, Any], kernels: int = 0) -> str:
       f"{fmt(p['roofline_images_per_second'], '{:.0f}'):>12}"
     )
     for k in p["heaviest_kernels"][:kernels]:
-      lines.append(f"    {k['bytes'] / 1e6:10.1f} MB  {k['opcode']:<24} {k['op_name'][-90:]}")
+      once = " per call" if p["steps_per_call"] > 1 and not k["in_loop"] else ""
+      lines.append(
+        f"    {k['bytes'] / 1e6:10.1f} MB{once:<9} {k['opcode']:<24} {k['op_name'][-90:]}"
+      )
   s = report["pipeline_seconds_roofline"]
   lines.append(
     f"whole pipeline at these rates: {s / 3600:.2f} h" if s else "whole pipeline: unknown"
