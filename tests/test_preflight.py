@@ -74,7 +74,11 @@ def test_train_steps_compile_and_fit(tmp_path, target, devices, processes, confi
     assert not p["cpu_lowering_in_program"], p["name"]
     assert p["flops_per_step"] > 0 and p["roofline_images_per_second"] > 0
     heaviest = [k["bytes"] for k in p["heaviest_kernels"]]
-    assert p["bytes_per_step"] >= sum(heaviest) > 0 and heaviest == sorted(heaviest, reverse=True)
+    assert heaviest == sorted(heaviest, reverse=True) and heaviest[0] > 0
+    shares = [
+      k["bytes"] / (1 if k["in_loop"] else p["steps_per_call"]) for k in p["heaviest_kernels"]
+    ]
+    assert p["bytes_per_step"] >= sum(shares) * (1 - 1e-9)  # per step: a scan's rest per call
   for name in TRAIN_PROGRAMS:
     assert programs[name]["steps_per_call"] == scan  # the scan `train` dispatches
     # BatchNorm's batch means in the forward pass, then the gradients: at least two all-reduces.
