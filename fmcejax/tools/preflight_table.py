@@ -38,7 +38,7 @@ def row(config: str, report: dict[str, Any]) -> str:
   train = [programs[n] for n in ("train_step", "train_step_ral") if n in programs]
   devices = report["devices"]
   failed = [p["name"] for p in report["programs"] if p["compiled"] is not True or not p["fits"]]
-  per_chip = train[0]["images_per_step"] // devices if train else None
+  per_chip = next((p["images_per_step"] // devices for p in train if "images_per_step" in p), None)
   memory = max(
     (p["memory_bytes"]["total"] for p in report["programs"] if p.get("memory_bytes")), default=0
   )
