@@ -113,11 +113,10 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[tuple[str, int, in
   train_batch = _batch(mesh, config.batch_size, info.image_shape, jnp.uint8)
   eval_batch = _batch(mesh, config.eval_batch_size, info.image_shape, jnp.uint8, mask=True)
 
-  scan = _scan_length(config, info)
+  scan, loss = _scan_length(config, info), recipe["loss"]
 
   def train_step(with_head: bool):
-    kwargs = {"preprocess": pipe.preprocess(), "head": head if with_head else None}
-    kwargs |= {"loss": recipe["loss"]}
+    kwargs = {"preprocess": pipe.preprocess(), "head": head if with_head else None, "loss": loss}
     head_args = head_vars if with_head else None
     if scan > 1:
       return _scanned_steps(config, info, mesh, scan, state, head_args, **kwargs)
