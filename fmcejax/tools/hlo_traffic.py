@@ -76,6 +76,11 @@ def shape_bytes(shape: str, skip_scratch: bool = False) -> float:
   return sum(array_bytes(*a) for a in arrays)
 
 
+def logical_bytes(shape: str) -> float:
+  """Bytes of an HLO shape as its element counts say: no tile padding, in any memory space."""
+  return sum(array_bytes(dtype, dims, None) for dtype, dims, _ in _ARRAY.findall(shape))
+
+
 def _moved(shape: str) -> str:
   """The array a copy-start ((dst, src, ctx)) or slice-start (((src), dst, ctx)) moves: the
   second-last array of its tuple, as if in HBM (a slice moves its size, not its source's)."""
@@ -193,9 +198,9 @@ def kernels(hlo: str) -> list[Kernel]:
   return out
 
 
-def heaviest(hlo: str, n: int = 10) -> list[Kernel]:
-  """The `n` kernels that move the most bytes."""
-  return sorted(kernels(hlo), key=lambda k: -k.bytes)[:n]
+def heaviest(ks: list[Kernel], n: int = 10) -> list[Kernel]:
+  """The `n` kernels of `ks` that move the most bytes."""
+  return sorted(ks, key=lambda k: -k.bytes)[:n]
 
 
 def total_bytes(hlo: str, iterations: int = 1) -> float:

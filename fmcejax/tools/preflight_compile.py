@@ -41,9 +41,6 @@ from fmcejax import (
 from fmcejax.tools import hlo_traffic, preflight_targets
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-_DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 
 
 def target_devices(target: preflight_targets.Target) -> list[jax.Device]:
@@ -229,11 +226,7 @@ def collectives(hlo: str) -> dict[str, int]:
     if not m:
       continue
     count += 1
-    for dtype, dims in _SHAPE.findall(m.group(1)):
-      n = 1
-      for d in filter(None, dims.split(",")):
-        n *= int(d)
-      size += n * _DTYPE_BYTES.get(dtype, 4)
+    size += int(hlo_traffic.logical_bytes(m.group(1)))
   return {"count": count, "bytes": size}
 
 
@@ -276,9 +269,7 @@ def analyse(lowered: Any, devices: int, heaviest: int = 10, steps: int = 1) -> d
     if cost.get("bytes accessed")
     else None,
     "kernels": len(kernels),
-    "heaviest_kernels": [
-      dataclasses.asdict(k) for k in sorted(kernels, key=lambda k: -k.bytes)[:heaviest]
-    ],
+    "heaviest_kernels": [dataclasses.asdict(k) for k in hlo_traffic.heaviest(kernels, heaviest)],
     "collectives": collectives(hlo),
     "cpu_lowering_in_program": cpu_lowering.SCOPE in hlo,
   }
