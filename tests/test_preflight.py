@@ -169,7 +169,7 @@ def test_table_row_reads_per_image_figures_and_the_mfu_bound():
     "programs": [
       {"name": "train_step", "compiled": True, "fits": True, "images_per_step": 128,
        "memory_bytes": {"total": 2**30}, "flops_per_step": 2e12, "bytes_per_step": 1.6e8,
-       "roofline_seconds_per_step": 4e-3, "roofline_images_per_second": 4000.0},
+       "kernels": 1234, "roofline_seconds_per_step": 4e-3, "roofline_images_per_second": 4000.0},
       {"name": "eval_step", "compiled": False, "fits": False, "images_per_step": 1024},
     ],
   }  # fmt: skip
@@ -178,7 +178,7 @@ def test_table_row_reads_per_image_figures_and_the_mfu_bound():
   assert cells[:3] == ["cifar10_resnet50", "v5e:2x4", "16"]
   assert cells[3] == "1.00 GiB of 16 (does not compile or fit: eval_step)"
   # 2e12 FLOP and 160 MB per step of 16 images; 2 ms of math in a 4 ms roofline step
-  assert cells[4:] == ["125.00", "10.0", "4,000", "50%", "1.5 h"]
+  assert cells[4:] == ["125.00", "10.0", "1,234", "4,000", "50%", "1.5 h"]
 
 
 def test_a_compiler_that_kills_its_process_fails_only_that_program(monkeypatch):

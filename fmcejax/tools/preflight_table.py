@@ -2,7 +2,9 @@
 
     python -m fmcejax.tools.preflight_table docs/bench/preflight/*/preflight.json
 
-One row per report: its train steps (baseline / RAL) per chip and the whole pipeline's time.
+One row per report: its train steps (baseline / RAL) per chip and the whole pipeline's time. The
+kernel count is there because the roofline ignores each kernel's fixed cost: a step of many small
+kernels can be far slower than its FLOPs and bytes say.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any
 
 HEADER = (
   "| config | target | batch / chip | memory / chip (largest program) | GFLOP / image | "
-  "MB / image (HBM) | roofline img/s / chip | MFU bound | pipeline (all stages, its seeds) |\n"
-  "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+  "MB / image (HBM) | kernels | roofline img/s / chip | MFU bound | "
+  "pipeline (all stages, its seeds) |\n"
+  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -27,6 +30,8 @@ def _pair(rows: list[dict], key, fmt: str) -> str:
 def _duration(seconds: float | None) -> str:
   if seconds is None:
     return "unknown"
+  if seconds < 60:
+    return f"{seconds:.0f} s"
   if seconds < 3600:
     return f"{seconds / 60:.1f} min"
   return f"{seconds / 3600:.1f} h"
@@ -59,6 +64,7 @@ def row(config: str, report: dict[str, Any]) -> str:
     f"| {config} | {report['target']} | {per_chip} | {status} | "
     f"{_pair(train, per_image('flops_per_step', 1e9), '{:.2f}')} | "
     f"{_pair(train, per_image('bytes_per_step', 1e6), '{:.1f}')} | "
+    f"{_pair(train, lambda p: p.get('kernels'), '{:,}')} | "
     f"{_pair(train, lambda p: p['roofline_images_per_second'], '{:,.0f}')} | "
     f"{_pair(train, mfu, '{:.0f}%')} | {_duration(report['pipeline_seconds_roofline'])} |"
   )
