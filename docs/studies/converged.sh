@@ -28,7 +28,7 @@ study() {  # NAME CONFIG SEEDS [FIELD=VALUE ...]
 doubled() {  # NAME CONFIG EPOCHS [FIELD=VALUE ...]: baseline seed 0 at twice the length
   local name=$1 config=$2 epochs=$3
   shift 3
-  python -m fmcejax.train --config="$config" --workdir="$root/$name" --config.seeds=0 \
+  python -m fmcejax.train --config="$config" --workdir="$root/$name" --config.seeds=1 \
     --config.epochs="$epochs" --config.stages=baseline "$@"
 }
 
