@@ -4,6 +4,10 @@
 # each with alpha 0.03 and 0.1 at conv3, the `random` control at the better alpha, and one
 # baseline seed at twice the length (the doubling rule). Every command resumes where it stopped.
 #   bash docs/studies/converged.sh [ROOT]    (ROOT defaults to ./studies)
+# A session that ends before the studies do packs what they finished (each run's metrics and the
+# trained heads) into docs/studies/converged_resume.tar.gz; the next one continues with
+#   mkdir -p studies && tar -xzf docs/studies/converged_resume.tar.gz -C studies
+# before this script, which then rebuilds the probe, CQI and FMCS-Dataset and runs what is left.
 set -euo pipefail
 root=${1:-studies}
 
