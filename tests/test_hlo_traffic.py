@@ -67,7 +67,8 @@ def test_array_bytes_pads_tpu_tiles_and_skips_on_chip_memory():
 
 
 def test_kernels_count_loops_per_trip_async_pairs_once_and_gathers_by_rows():
-  by_name = {k.name: k for k in hlo_traffic.kernels(HLO)}
+  ks = hlo_traffic.kernels(HLO)
+  by_name = {k.name: k for k in ks}
   assert set(by_name) == {"cs", "cd", "ss", "sd", "g", "f", "y", "ars", "ard", "out"}
   tile = 16 * 128 * 2  # bf16[16,64] padded to 128 lanes
   assert by_name["cs"].bytes == 128 * 4  # reads b from HBM (padded to 128); writes VMEM
@@ -80,13 +81,14 @@ def test_kernels_count_loops_per_trip_async_pairs_once_and_gathers_by_rows():
   assert by_name["ars"].bytes == 64 and by_name["ard"].bytes == 64
   assert [k for k in by_name if by_name[k].in_loop] == ["y"]
   rest = sum(k.bytes for k in by_name.values()) - by_name["y"].bytes
-  assert hlo_traffic.total_bytes(HLO) == by_name["y"].bytes + rest
+  assert hlo_traffic.per_iteration(ks) == by_name["y"].bytes + rest
   # run twice per call, the loop's kernels count per iteration, the rest half
-  assert hlo_traffic.total_bytes(HLO, iterations=2) == by_name["y"].bytes + rest / 2
-  assert hlo_traffic.heaviest(hlo_traffic.kernels(HLO), 1)[0].name in {"f", "out"}
+  assert hlo_traffic.per_iteration(ks, iterations=2) == by_name["y"].bytes + rest / 2
+  assert hlo_traffic.heaviest(ks, 1)[0].name in {"f", "out"}
 
 
 def test_a_cpu_program_moves_what_its_kernels_read_and_write():
   x = jnp.zeros((1000,), jnp.float32)
   hlo = jax.jit(lambda x: x * 2.0 + 1.0).lower(x).compile().as_text()
-  assert hlo_traffic.total_bytes(hlo) == pytest.approx(8000)  # one fused loop: 4 kB in, 4 kB out
+  # one fused loop: 4 kB in, 4 kB out
+  assert hlo_traffic.per_iteration(hlo_traffic.kernels(hlo)) == pytest.approx(8000)

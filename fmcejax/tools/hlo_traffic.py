@@ -203,11 +203,7 @@ def heaviest(ks: list[Kernel], n: int = 10) -> list[Kernel]:
   return sorted(ks, key=lambda k: -k.bytes)[:n]
 
 
-def total_bytes(hlo: str, iterations: int = 1) -> float:
+def per_iteration(ks: list[Kernel], iterations: int = 1) -> float:
   """Bytes per iteration of a program that runs its loop `iterations` times per call: the loop's
   kernels, plus the rest shared over the iterations."""
-  return per_iteration(kernels(hlo), iterations)
-
-
-def per_iteration(ks: list[Kernel], iterations: int = 1) -> float:
   return sum(k.bytes if k.in_loop else k.bytes / iterations for k in ks)
