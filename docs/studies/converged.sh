@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The studies of runs trained longer (README, "Study: trained longer"), one after the other:
+# The studies of runs trained longer (README, "Trained longer"), one after the other:
 # Fashion-MNIST at 30 epochs (5 seeds), then CIFAR-10 JPEG with crop + flip at 30 epochs (3 seeds);
 # each with alpha 0.03 and 0.1 at conv3, the `random` control at the better alpha, and one
 # baseline seed at twice the length (the doubling rule). Every command resumes where it stopped.
 #   bash docs/studies/converged.sh [ROOT]    (ROOT defaults to ./studies)
 # A session that ends before the studies do packs what they finished (each run's metrics and the
-# trained heads) into docs/studies/converged_resume.tar.gz; the next one continues with
+# trained heads) into docs/studies/converged_resume.tar.gz (`cd ROOT` from the checkout, then):
+#   find . \( -path './*/baseline/metrics.json' -o -path './*/baseline/*/metrics.json' \
+#     -o -path './*/arms/*/metrics.json' -o -path './*/modules/*/fmce_net/metrics.json' \
+#     -o -path './*/modules/*/fmce_net/head/*' \) -type f | sort \
+#     | tar -czf "$OLDPWD/docs/studies/converged_resume.tar.gz" -T -
+# and the next one continues with
 #   mkdir -p studies && tar -xzf docs/studies/converged_resume.tar.gz -C studies
 # before this script, which then rebuilds the probe, CQI and FMCS-Dataset and runs what is left.
 set -euo pipefail
