@@ -24,13 +24,18 @@ print(max(arms, key=lambda a: a["gain_pp_mean"])["alpha"])
 PY
 }
 
-study() {  # NAME CONFIG SEEDS [FIELD=VALUE ...]
+grid() {  # NAME CONFIG SEEDS [FIELD=VALUE ...]: the baseline and both alphas
   local name=$1 config=$2 seeds=$3
   shift 3
-  local args=(--config="$config" --workdir="$root/$name" --config.seeds="$seeds"
-    --study.alphas=0.03,0.1 --study.modules=conv3 "$@")
-  python -m fmcejax.study "${args[@]}" --study.controls=
-  python -m fmcejax.study "${args[@]}" --study.controls=random \
+  python -m fmcejax.study --config="$config" --workdir="$root/$name" --config.seeds="$seeds" \
+    --study.alphas=0.03,0.1 --study.modules=conv3 "$@" --study.controls=
+}
+
+control() {  # NAME CONFIG SEEDS [FIELD=VALUE ...]: the grid plus the random control
+  local name=$1 config=$2 seeds=$3
+  shift 3
+  python -m fmcejax.study --config="$config" --workdir="$root/$name" --config.seeds="$seeds" \
+    --study.alphas=0.03,0.1 --study.modules=conv3 "$@" --study.controls=random \
     --study.control_alpha="$(best_alpha "$root/$name")" --study.control_module=conv3
 }
 
@@ -41,7 +46,10 @@ doubled() {  # NAME CONFIG EPOCHS [FIELD=VALUE ...]: baseline seed 0 at twice th
     --config.epochs="$epochs" --config.stages=baseline "$@"
 }
 
-study fashion_mnist_30ep fashion_mnist_cnn 5 --config.epochs=30
+# The doubling run comes before the control: whether the runs converged is read first.
+grid fashion_mnist_30ep fashion_mnist_cnn 5 --config.epochs=30
+control fashion_mnist_30ep fashion_mnist_cnn 5 --config.epochs=30
 doubled fashion_mnist_60ep_baseline fashion_mnist_cnn 60
-study cifar10_jpeg_30ep cifar10_jpeg_cpu_long 3
+grid cifar10_jpeg_30ep cifar10_jpeg_cpu_long 3
 doubled cifar10_jpeg_60ep_baseline cifar10_jpeg_cpu_long 60
+control cifar10_jpeg_30ep cifar10_jpeg_cpu_long 3
