@@ -2,7 +2,7 @@
 # The studies of runs trained longer (README, "Trained longer"), one after the other:
 # Fashion-MNIST at 30 epochs (5 seeds), then CIFAR-10 JPEG with crop + flip at 30 epochs (3 seeds);
 # each with alpha 0.03 and 0.1 at conv3, one baseline seed at twice the length (the doubling
-# rule), then the `random` control at the better alpha. About 4.5 h alone on a 2-core CPU; every
+# rule), then the `random` control at the better alpha. About 4.7 h alone on a 2-core CPU; every
 # command resumes where it stopped.
 #   bash docs/studies/converged.sh [ROOT]    (ROOT defaults to ./studies)
 set -euo pipefail
